@@ -1,0 +1,1104 @@
+"""Shared plumbing for the BiSMAP stages (see README.md and the paper).
+
+Only what two or more stages need lives here, in banner-separated sections:
+labels, dataset readers, joint transforms, the DeepLabV3+ model, metrics,
+stage folders / manifests / atomic I/O, seeding and devices, distributed
+helpers, the shared losses (Eq. (10), (11)) and the shared training loop.
+"""
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+IGNORE = 255
+
+# ============================================================================
+# Labels and palettes
+# ============================================================================
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign",
+           "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus",
+           "train", "motorcycle", "bicycle")
+NUM_CLASSES = len(CLASSES)  # 19
+PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+
+# Cityscapes labelId -> trainId (GTA5 uses the same ids). Everything else -> 255.
+CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8,
+                          22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15,
+                          31: 16, 32: 17, 33: 18}
+TRAIN_TO_CITYSCAPES_ID = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items()}
+# SYNTHIA-RAND-CITYSCAPES class id (R channel of GT/LABELS) -> trainId.
+SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10,
+                       10: 11, 17: 12, 8: 13, 19: 15, 12: 17, 11: 18}
+
+# Evaluation class sets (trainIds). SYNTHIA has no terrain, truck, train (16 classes);
+# the 13-class protocol also drops wall, fence and pole.
+EVAL_CLASSES = {
+    "19": tuple(range(19)),
+    "16": tuple(c for c in range(19) if c not in (9, 14, 16)),
+    "13": tuple(c for c in range(19) if c not in (3, 4, 5, 9, 14, 16)),
+}
+# Which class sets each source reports (the first one is the headline mIoU).
+SOURCE_EVAL_SETS = {"gta5": ("19",), "synthia": ("16", "13")}
+
+
+def make_lut(mapping):
+    """A 65536-entry lookup table raw id -> trainId (255 elsewhere)."""
+    lut = np.full(65536, IGNORE, dtype=np.uint8)
+    for raw, train in mapping.items():
+        lut[raw] = train
+    return lut
+
+
+CITYSCAPES_LUT = make_lut(CITYSCAPES_ID_TO_TRAIN)
+SYNTHIA_LUT = make_lut(SYNTHIA_ID_TO_TRAIN)
+
+
+def colorize(label):
+    """(H, W) trainIds -> (H, W, 3) uint8 with the Cityscapes palette, ignore black."""
+    pal = np.zeros((256, 3), np.uint8)
+    pal[:NUM_CLASSES] = PALETTE
+    return pal[label]
+
+
+# ============================================================================
+# Image and label files
+# ============================================================================
+class DataError(RuntimeError):
+    """Bad input data: the message says which file, what was expected and found."""
+
+
+def read_image(path):
+    """RGB uint8 array (H, W, 3); greyscale, palette and RGBA are converted."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{path}: cannot decode as an image ({type(e).__name__}: {e})") from None
+    if arr.size == 0:
+        raise DataError(f"{path}: image has zero size")
+    return arr
+
+
+def image_size(path):
+    """(W, H) from the file header only (fast)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+
+
+def read_png16(path):
+    """A 16-bit (or 8-bit) PNG as stored, channels in R, G, B order.
+
+    PIL truncates 16-bit RGB PNGs to 8 bits, so this uses OpenCV, which decodes them
+    exactly (it returns BGR, reversed here)."""
+    import cv2
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DataError(f"{path}: cannot decode as a PNG label (missing or corrupt)")
+    if arr.ndim == 3:
+        arr = arr[..., :3][..., ::-1]
+    return arr
+
+
+def decode_label(path, kind):
+    """Read a label file of dataset `kind` and return (H, W) uint8 trainIds (255 ignore).
+
+    gta5: 8-bit palette PNG of Cityscapes labelIds; cityscapes: *_gtFine_labelIds.png;
+    synthia: 16-bit 3-channel PNG, class id in the R channel; trainid: our own PNGs."""
+    if kind == "synthia":
+        raw = read_png16(path)
+        raw = raw[..., 0] if raw.ndim == 3 else raw  # R channel holds the class id
+        return SYNTHIA_LUT[raw.astype(np.int64)]
+    try:
+        with Image.open(path) as im:
+            im.load()
+            raw = np.asarray(im) if im.mode in ("P", "L", "I;16", "I") else None
+            mode = im.mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: label not found") from None
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode label ({type(e).__name__}: {e})") from None
+    if raw is None:
+        raise DataError(f"{path}: expected a single-channel (palette or greyscale) label PNG, "
+                        f"found mode {mode}")
+    if kind == "trainid":
+        bad = (raw >= NUM_CLASSES) & (raw != IGNORE)
+        if bad.any():
+            raise DataError(f"{path}: label values must be trainIds 0..{NUM_CLASSES - 1} or 255, "
+                            f"found {np.unique(raw[bad])[:5].tolist()}")
+        return raw.astype(np.uint8)
+    return CITYSCAPES_LUT[raw.astype(np.int64)]
+
+
+def atomic_path(path):
+    """A temporary name in the same folder (rename to `path` when complete)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path; on success rename it to `path` (never a half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_png(path, array, palette=False):
+    """Write a uint8 array as a lossless PNG, atomically. palette=True embeds the
+    Cityscapes palette so a viewer shows colours while the values stay trainIds."""
+    im = Image.fromarray(np.ascontiguousarray(array))
+    if palette:
+        im = im.convert("P") if im.mode != "P" else im
+        pal = np.zeros((256, 3), np.uint8)
+        pal[:NUM_CLASSES] = PALETTE
+        im.putpalette(pal.flatten().tolist())
+    with atomic_write(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def save_npy(path, array):
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def save_npz(path, **arrays):
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def save_json(path, obj):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def overlay(image, label, alpha=0.5):
+    """Blend a colourised label over an RGB image (ignored pixels keep the photo)."""
+    col = colorize(label).astype(np.float32)
+    out = image.astype(np.float32)
+    m = label != IGNORE
+    out[m] = (1 - alpha) * out[m] + alpha * col[m]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+# ============================================================================
+# Dataset readers for the three real on-disk layouts
+# ============================================================================
+def _need_dir(path, what):
+    if not Path(path).is_dir():
+        raise DataError(f"{path} not found: expected {what} (run `python toy_data.py` for the "
+                        f"toy datasets, or see README.md for the real layout)")
+
+
+def _pairs(images, label_for, name, check_sizes):
+    """Keep (image, label) pairs whose label exists and whose sizes agree; warn on the rest."""
+    items, skipped = [], []
+    for img in images:
+        lab = label_for(img)
+        if not lab.exists():
+            skipped.append(f"{img}: no label at {lab}")
+            continue
+        if check_sizes:
+            si, sl = image_size(img), image_size(lab)
+            if si != sl:
+                skipped.append(f"{img}: image is {si[0]}x{si[1]} but label {lab.name} is {sl[0]}x{sl[1]}")
+                continue
+        items.append((img, lab))
+    for s in skipped[:20]:
+        warnings.warn(f"{name}: skipping {s}", stacklevel=3)
+    if len(skipped) > 20:
+        warnings.warn(f"{name}: skipped {len(skipped)} pairs in all", stacklevel=3)
+    if not items:
+        raise DataError(f"{name}: no usable image/label pairs found")
+    return items
+
+
+def gta5_items(data, check_sizes=True):
+    """GTA5: GTA5/images/*.png + GTA5/labels/*.png (same names, 8-bit palette labelIds)."""
+    root = Path(data) / "GTA5"
+    _need_dir(root / "images", "the GTA5 layout GTA5/images/*.png + GTA5/labels/*.png")
+    imgs = sorted((root / "images").glob("*.png"))
+    return _pairs(imgs, lambda p: root / "labels" / p.name, "GTA5", check_sizes)
+
+
+def synthia_items(data, check_sizes=True):
+    """SYNTHIA-RAND-CITYSCAPES: RGB/*.png + GT/LABELS/*.png (16-bit, id in R)."""
+    root = Path(data) / "SYNTHIA" / "RAND_CITYSCAPES"
+    _need_dir(root / "RGB", "the SYNTHIA layout SYNTHIA/RAND_CITYSCAPES/RGB + GT/LABELS")
+    imgs = sorted((root / "RGB").glob("*.png"))
+    return _pairs(imgs, lambda p: root / "GT" / "LABELS" / p.name, "SYNTHIA", check_sizes)
+
+
+def cityscapes_items(data, split, with_labels=True, check_sizes=False):
+    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/.../*_gtFine_labelIds.png.
+    Without labels, the label entry is None (target training images are unlabelled)."""
+    root = Path(data) / "cityscapes"
+    _need_dir(root / "leftImg8bit" / split, f"the Cityscapes layout leftImg8bit/{split}/<city>/")
+    imgs = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+    if not imgs:
+        raise DataError(f"{root / 'leftImg8bit' / split}: no */*_leftImg8bit.png images")
+
+    def label_for(p):
+        return (root / "gtFine" / split / p.parent.name /
+                p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+    if not with_labels:
+        return [(p, None) for p in imgs]
+    return _pairs(imgs, label_for, f"Cityscapes {split}", check_sizes)
+
+
+def source_items(data, source, check_sizes=True):
+    if source == "gta5":
+        return gta5_items(data, check_sizes)
+    if source == "synthia":
+        return synthia_items(data, check_sizes)
+    raise ValueError(f"--source must be gta5 or synthia, got {source!r}")
+
+
+def item_name(path):
+    """The file name artifacts are stored under (source/target images have unique names)."""
+    return Path(path).name
+
+
+# ============================================================================
+# Joint image / label transforms (Sec. 4.2: scale 0.5-1.5, crop 896x512, flip, jitter)
+# ============================================================================
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(img_u8):
+    """(B, 3, H, W) or (3, H, W) uint8 tensor -> float, ImageNet-normalised."""
+    x = img_u8.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0, gen=None):
+    """Apply the same geometry to an image and its per-pixel maps.
+
+    img: (3, H, W) uint8 tensor; masks: list of (H, W) uint8 tensors (labels, STM
+    weights) resized with nearest neighbour and padded with 255 (labels) - callers
+    treat padded pixels as ignored. crop = (W, H) or None. Colour jitter (brightness,
+    contrast, saturation by `jitter`) touches the image only."""
+    from torchvision.transforms.v2 import functional as TF
+    g = gen if gen is not None else torch.default_generator
+
+    def rnd():
+        return torch.rand((), generator=g).item()
+    _, h, w = img.shape
+    if scale is not None and scale != (1.0, 1.0):
+        s = scale[0] + (scale[1] - scale[0]) * rnd()
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        img = TF.resize(img, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        masks = [TF.resize(m[None], [nh, nw], interpolation=TF.InterpolationMode.NEAREST)[0]
+                 for m in masks]
+        h, w = nh, nw
+    if crop is not None:
+        cw, ch = crop
+        ph, pw = max(0, ch - h), max(0, cw - w)
+        if ph or pw:
+            img = F.pad(img, (0, pw, 0, ph), value=0)
+            masks = [F.pad(m, (0, pw, 0, ph), value=IGNORE) for m in masks]
+            h, w = h + ph, w + pw
+        y0 = int(rnd() * (h - ch + 1))
+        x0 = int(rnd() * (w - cw + 1))
+        img = img[:, y0:y0 + ch, x0:x0 + cw]
+        masks = [m[y0:y0 + ch, x0:x0 + cw] for m in masks]
+    if flip and rnd() < 0.5:
+        img = img.flip(-1)
+        masks = [m.flip(-1) for m in masks]
+    if jitter > 0:
+        img = TF.adjust_brightness(img, 1 + jitter * (2 * rnd() - 1))
+        img = TF.adjust_contrast(img, 1 + jitter * (2 * rnd() - 1))
+        img = TF.adjust_saturation(img, 1 + jitter * (2 * rnd() - 1))
+    return img.contiguous(), [m.contiguous() for m in masks]
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Image + label (+ optional extra per-pixel maps) with the joint transforms.
+
+    items: list of (image_path, label_path or None); label_kind: how to decode labels;
+    extra: list of functions image_path -> path of an 8-bit PNG (e.g. STM weights),
+    transformed with the same geometry. Returns a dict of uint8 tensors."""
+
+    def __init__(self, items, label_kind, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0,
+                 extra=(), image_for=None, seed=0):
+        self.items, self.label_kind = list(items), label_kind
+        self.crop, self.scale, self.flip, self.jitter = crop, scale, flip, jitter
+        self.extra, self.image_for, self.seed = list(extra), image_for, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, lab_path = self.items[i]
+        img_path = self.image_for(path) if self.image_for else path
+        img = read_image(img_path)
+        h, w = img.shape[:2]
+        maps = []
+        if lab_path is not None:
+            lab = decode_label(lab_path, self.label_kind)
+            if lab.shape != (h, w):
+                raise DataError(f"{lab_path}: label is {lab.shape[1]}x{lab.shape[0]} but image "
+                                f"{img_path} is {w}x{h}")
+            maps.append(lab)
+        for fn in self.extra:
+            p = fn(path)
+            m = np.asarray(Image.open(p)) if Path(p).exists() else None
+            if m is None:
+                raise DataError(f"{p} not found")
+            if m.shape != (h, w):
+                raise DataError(f"{p}: map is {m.shape[1]}x{m.shape[0]} but image is {w}x{h}")
+            maps.append(m)
+        img_t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        maps_t = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8)) for m in maps]
+        img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter)
+        out = {"image": img_t, "index": i}
+        if lab_path is not None:
+            out["label"] = maps_t.pop(0)
+        for k, m in enumerate(maps_t):
+            out[f"extra{k}"] = m
+        return out
+
+
+def infinite_loader(dataset, batch_size, workers, seed, rank=0, world=1, start_epoch=0):
+    """Yield batches forever, reshuffling every epoch (a DistributedSampler under DDP)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    if len(dataset) < batch_size * world:
+        raise DataError(f"dataset has {len(dataset)} images, fewer than one batch "
+                        f"({batch_size} x {world} processes)")
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        g = torch.Generator()
+        g.manual_seed(seed * 100003 + epoch * 7919 + rank)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+            drop_last=True, generator=g, persistent_workers=False,
+            worker_init_fn=_seed_worker)
+        yield from loader
+        epoch += 1
+
+
+def _seed_worker(worker_id):
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+
+
+# ============================================================================
+# DeepLabV3+ (ResNet backbone, output stride 16, ASPP 6/12/18)
+# ============================================================================
+BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18")
+
+
+def build_resnet(name, weights="none"):
+    """A torchvision ResNet with output stride 16 (layer4 dilated, not strided).
+
+    weights: 'imagenet' (torchvision's weights API; downloads on first use), 'none',
+    or a path to a torchvision-layout state dict, loaded strictly."""
+    import torchvision
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    ctor = getattr(torchvision.models, name)
+    tv_weights = None
+    if weights == "imagenet":
+        tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    if name in ("resnet18", "resnet34"):
+        # BasicBlock refuses replace_stride_with_dilation: set layer4's stride and
+        # dilation by hand (stride 2 -> 1, dilation 2) for output stride 16.
+        net = ctor(weights=tv_weights)
+        blk = net.layer4[0]
+        blk.conv1.stride = (1, 1)
+        blk.downsample[0].stride = (1, 1)
+        for b in net.layer4:
+            for conv in (b.conv1, b.conv2):
+                if conv is not blk.conv1:
+                    conv.dilation, conv.padding = (2, 2), (2, 2)
+    else:
+        net = ctor(weights=tv_weights, replace_stride_with_dilation=[False, False, True])
+    if weights not in ("imagenet", "none", None):
+        load_state_strict(net, weights, what=f"{name} backbone", optional_prefixes=("fc.",))
+    return net
+
+
+def load_state_strict(module, path_or_state, what="model", optional_prefixes=()):
+    """Load a state dict and fail with the exact missing / unexpected keys.
+
+    Keys starting with one of optional_prefixes may be absent (e.g. a classifier `fc.`
+    that the backbone does not use). A 'module.' prefix (DDP) is stripped."""
+    if isinstance(path_or_state, (str, Path)):
+        p = Path(path_or_state)
+        if not p.exists():
+            raise FileNotFoundError(f"{what} weights {p} not found")
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"{p}: not a PyTorch state dict ({type(e).__name__}: {e})") from None
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    else:
+        state = path_or_state
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(optional_prefixes)]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shape:
+        msg = [f"{what}: the state dict does not match"]
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}): {missing[:10]}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+        if shape:
+            msg.append(f"  shape mismatches ({len(shape)}): {shape[:10]}")
+        raise KeyError("\n".join(msg))
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ (Chen et al., ECCV 2018). forward(x) -> (features, logits):
+    features (B, 256, H/4, W/4) are the decoder features the paper's MAPs use (E),
+    logits (B, C, H/4, W/4) come from the 1x1 classifier (F); G = F o E (Eq. (1))."""
+
+    def __init__(self, num_classes=NUM_CLASSES, backbone="resnet101", weights="none"):
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+        self.backbone = build_resnet(backbone, weights)
+        self.backbone.fc = nn.Identity()
+        high = 512 if backbone in ("resnet18", "resnet34") else 2048
+        low = high // 8
+        self.aspp = ASPP(high, [6, 12, 18], 256)  # includes its own dropout 0.5
+        self.low_proj = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48),
+                                      nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, x):  # x: (B, 3, H, W) normalised
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        low = b.layer1(x)                                   # (B, low, H/4, W/4)
+        high = b.layer4(b.layer3(b.layer2(low)))            # (B, high, H/16, W/16)
+        a = self.aspp(high)                                 # (B, 256, H/16, W/16)
+        a = F.interpolate(a, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        feat = self.decoder(torch.cat([a, self.low_proj(low)], 1))  # (B, 256, H/4, W/4)
+        return feat, self.classifier(self.dropout(feat))
+
+    def head_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def backbone_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith("backbone.")]
+
+
+def build_model(backbone, weights="none", num_classes=NUM_CLASSES):
+    return DeepLabV3Plus(num_classes, backbone, weights)
+
+
+def model_from_checkpoint(path, device="cpu", producer=None):
+    """Rebuild the segmentor saved in a stage's model.pt (strict load)."""
+    ckpt = load_checkpoint(path, producer)
+    a = ckpt["args"]
+    model = build_model(a["backbone"], "none")
+    load_state_strict(model, ckpt["model"], what=str(path))
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def predict_logits(model, img_u8, flip=False, size=None):
+    """Logits at the input size (or `size`), optionally averaged over a horizontal flip.
+    img_u8: (B, 3, H, W) uint8 on the model's device. Returns (B, C, H, W) float32."""
+    x = normalize(img_u8)
+    size = size or x.shape[-2:]
+    out = F.interpolate(model(x)[1].float(), size=size, mode="bilinear", align_corners=False)
+    if flip:
+        o2 = F.interpolate(model(x.flip(-1))[1].float(), size=size, mode="bilinear",
+                           align_corners=False)
+        out = (out.softmax(1) + o2.flip(-1).softmax(1)).log() - math.log(2)
+    return out
+
+
+# ============================================================================
+# Metrics: confusion matrix, per-class IoU, the paper's table layout
+# ============================================================================
+def confusion(pred, label, n=NUM_CLASSES):
+    """(n, n + 1) int64 confusion: rows = ground truth, columns = prediction, and a last
+    column for predictions outside 0..n-1 (e.g. 255 in a prediction file: a miss).
+    Ground-truth pixels labelled 255 (or >= n) are ignored."""
+    pred = np.asarray(pred).ravel().astype(np.int64)
+    label = np.asarray(label).ravel().astype(np.int64)
+    m = label < n
+    pred = np.where(pred < n, pred, n)[m]
+    return np.bincount(label[m] * (n + 1) + pred, minlength=n * (n + 1)).reshape(n, n + 1)
+
+
+def iou_per_class(cm):
+    """IoU_c = TP / (TP + FP + FN); NaN where a class never occurs nor is predicted.
+    Accepts an (n, n) or (n, n+1) confusion (last column: 'no class' predictions)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.shape[0]
+    tp = np.diag(cm[:, :n])
+    gt = cm.sum(1)
+    pr = cm[:, :n].sum(0)
+    denom = gt + pr - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / denom, np.nan)
+
+
+def miou(iou, classes):
+    vals = [iou[c] for c in classes if not np.isnan(iou[c])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize_iou(cm, source):
+    """{'miou': headline mIoU (%), 'miou16'/'miou13'/..., 'iou': per-class (%) dict}."""
+    iou = iou_per_class(cm)
+    sets = SOURCE_EVAL_SETS[source]
+    out = {"miou": 100 * miou(iou, EVAL_CLASSES[sets[0]])}
+    for s in sets:
+        out[f"miou{s}"] = 100 * miou(iou, EVAL_CLASSES[s])
+    out["iou"] = {CLASSES[c]: (None if np.isnan(iou[c]) else round(100 * float(iou[c]), 2))
+                  for c in EVAL_CLASSES[sets[0]]}
+    return out
+
+
+SHORT = ("road", "side.", "buil.", "wall", "fence", "pole", "light", "sign", "vege.",
+         "terr.", "sky", "pers.", "rider", "car", "truck", "bus", "train", "motor", "bike")
+
+
+def iou_table(cm, source, title=""):
+    """The per-class IoU table laid out like the paper's Table 1 (GTA5) / Table 2 (SYNTHIA)."""
+    iou = iou_per_class(cm)
+    sets = SOURCE_EVAL_SETS[source]
+    cls = EVAL_CLASSES[sets[0]]
+    head = [SHORT[c] for c in cls] + [f"mIoU{s}" if len(sets) > 1 else "mIoU" for s in sets]
+    vals = ["  -  " if np.isnan(iou[c]) else f"{100 * iou[c]:5.1f}" for c in cls]
+    vals += [f"{100 * miou(iou, EVAL_CLASSES[s]):5.1f}" for s in sets]
+    w = [max(len(h), len(v)) for h, v in zip(head, vals)]
+    lines = [title] if title else []
+    lines.append(" ".join(h.rjust(x) for h, x in zip(head, w)))
+    lines.append(" ".join(v.rjust(x) for v, x in zip(vals, w)))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(model, items, label_kind, device, source, flip=False, desc="eval", rank=0, world=1,
+             max_side=None):
+    """Full-resolution evaluation (the field's protocol: Cityscapes val at 2048x1024).
+    Images are sharded across ranks and the confusion matrices summed."""
+    from tqdm import tqdm
+    was_training = model.training
+    model.eval()
+    n = NUM_CLASSES
+    cm = torch.zeros(n, n + 1, dtype=torch.int64)
+    mine = items[rank::world]
+    for img_path, lab_path in tqdm(mine, desc=desc, leave=False, disable=rank != 0 or len(mine) < 20):
+        img = torch.from_numpy(read_image(img_path)).permute(2, 0, 1)[None].to(device)
+        lab = decode_label(lab_path, label_kind)
+        pred = predict_logits(model, img, flip=flip, size=lab.shape).argmax(1)[0].cpu().numpy()
+        cm += torch.from_numpy(confusion(pred, lab, n))
+    if world > 1:
+        cm = cm.to(device)
+        dist.all_reduce(cm)
+        cm = cm.cpu()
+    model.train(was_training)
+    return cm.numpy()
+
+
+# ============================================================================
+# Stage folders, manifests, checkpoints
+# ============================================================================
+STAGES = {
+    "01_stylize": "01_stylize.py", "02_warmup": "02_warmup.py", "03_maps": "03_maps.py",
+    "04_stm": "04_stm.py", "05_selftrain": "05_selftrain.py", "06_distill": "06_distill.py",
+    "export": "export_onnx.py",
+}
+
+
+class StageError(RuntimeError):
+    """An earlier stage's output is missing or stale."""
+
+
+def stage_dir(work, stage):
+    return Path(work) / stage
+
+
+def need(path, stage, what="", hint=""):
+    """Fail with a message naming the file and the script that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found{' (' + what + ')' if what else ''}: "
+                         f"run {STAGES[stage]} first{hint}")
+    return path
+
+
+def read_manifest(work, stage):
+    """The manifest of a finished stage; a missing or incomplete one is a clear error."""
+    p = need(stage_dir(work, stage) / "manifest.json", stage, "the stage has not finished")
+    m = json.loads(p.read_text())
+    if not m.get("complete"):
+        raise StageError(f"{p}: the stage did not finish: run {STAGES[stage]} again")
+    return m
+
+
+def file_record(path):
+    p = Path(path)
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def code_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5)
+        rev = out.stdout.strip()
+        if rev:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, cwd=Path(__file__).parent,
+                                   timeout=5).stdout.strip()
+            return rev + ("-dirty" if dirty else "")
+    except Exception:
+        pass
+    return None
+
+
+def items_digest(items):
+    """A short fingerprint of an ordered list of files (their names), to detect stale inputs."""
+    h = hashlib.sha1()
+    for it in items:
+        p = it[0] if isinstance(it, (tuple, list)) else it
+        h.update(Path(p).name.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+class Stage:
+    """One stage run: its folder, its arguments, its inputs, and its manifest.
+
+    begin(): removes a previous manifest (so a crash never leaves a 'complete' stage)
+    and records run.json; a stage whose run.json holds the same resume key resumes
+    (per-image outputs already written are kept), otherwise the folder is cleared.
+    finish(summary): writes manifest.json (complete=True) atomically."""
+
+    def __init__(self, args, name):
+        self.args, self.name = args, name
+        self.dir = stage_dir(args.work, name)
+        self.inputs, self.upstream = [], {}
+        self.t0 = time.time()
+        self.rank = get_rank()
+
+    def resume_key(self):
+        skip = {"device", "workers", "eval_every", "log_every", "resume"}
+        return {k: v for k, v in sorted(vars(self.args).items()) if k not in skip}
+
+    def begin(self, keep=()):
+        """Start (or resume) the stage. Returns True when resuming a matching run."""
+        run = self.dir / "run.json"
+        key = json.loads(json.dumps(self.resume_key(), default=_json_default))
+        key["upstream"] = self.upstream_ids()
+        resuming = False
+        if self.rank == 0:
+            if run.exists():
+                try:
+                    resuming = json.loads(run.read_text()).get("key") == key
+                except json.JSONDecodeError:
+                    resuming = False
+            if getattr(self.args, "resume", "auto") == "never":
+                resuming = False
+            if self.dir.exists() and not resuming:
+                for p in self.dir.iterdir():
+                    if p.name in keep:
+                        continue
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "manifest.json").unlink(missing_ok=True)
+            for p in self.dir.glob(".tmp-*"):
+                p.unlink()
+            save_json(run, {"key": key, "started": now()})
+        barrier()
+        return resuming
+
+    def upstream_ids(self):
+        return {k: v.get("run_id") for k, v in self.upstream.items()}
+
+    def use(self, stage):
+        """Read an upstream stage's manifest and remember its run id."""
+        m = read_manifest(self.args.work, stage)
+        self.upstream[stage] = m
+        return m
+
+    def add_input(self, path):
+        self.inputs.append(file_record(path))
+
+    def finish(self, summary, **extra):
+        if self.rank != 0:
+            return None
+        m = {"stage": self.name, "complete": True, "run_id": uuid.uuid4().hex,
+             "args": vars(self.args), "inputs": self.inputs,
+             "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
+             "code_revision": code_revision(), "finished": now(),
+             "wall_time_s": round(time.time() - self.t0, 1), "summary": summary}
+        m.update(extra)
+        save_json(self.dir / "manifest.json", m)
+        return m
+
+
+def now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def save_checkpoint(path, **state):
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, producer=None):
+    """torch.load a checkpoint dict, with a clear error when it is missing or corrupt."""
+    p = Path(path)
+    if not p.exists():
+        if producer:
+            raise StageError(f"{p} not found: run {STAGES[producer]} first")
+        raise FileNotFoundError(f"{p} not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DataError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ============================================================================
+# Seeding, devices, mixed precision, distributed
+# ============================================================================
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    if dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup_distributed():
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return get_rank(), get_world()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device, enabled):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def log0(*a, **k):
+    if get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+# ============================================================================
+# Command line: one contract for every stage (DESIGN.md)
+# ============================================================================
+def base_parser(doc, training=False):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("common")
+    g.add_argument("--data", default="data", help="folder holding GTA5/, SYNTHIA/RAND_CITYSCAPES/, cityscapes/")
+    g.add_argument("--work", default="work", help="folder holding the stage folders 01_stylize/ ... export/")
+    g.add_argument("--source", default="gta5", choices=["gta5", "synthia"], help="source domain")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    g.add_argument("--resume", default="auto", choices=["auto", "never"],
+                   help="auto: continue an interrupted run of this stage with the same arguments")
+    if training:
+        t = p.add_argument_group("training (Sec. 4.2)")
+        t.add_argument("--iters", type=int, default=90000, help="iterations (paper: 90,000)")
+        t.add_argument("--batch-size", type=int, default=8, help="images per step per process")
+        t.add_argument("--crop", type=int, nargs=2, default=[896, 512], metavar=("W", "H"),
+                       help="random crop (paper: 896 512)")
+        t.add_argument("--scale", type=float, nargs=2, default=[0.5, 1.5], help="random scale range (paper: 0.5 1.5)")
+        t.add_argument("--jitter", type=float, default=0.25, help="colour jitter strength (brightness/contrast/saturation)")
+        t.add_argument("--lr", type=float, default=5e-4, help="SGD learning rate (paper: 5e-4), head x10")
+        t.add_argument("--head-lr-mult", type=float, default=10.0, help="lr multiplier of the head")
+        t.add_argument("--momentum", type=float, default=0.9)
+        t.add_argument("--weight-decay", type=float, default=5e-4)
+        t.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
+        t.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations")
+        t.add_argument("--eval-every", type=int, default=2000, help="evaluate on target val every N iterations")
+        t.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
+        t.add_argument("--log-every", type=int, default=50)
+        t.add_argument("--eval-flip", action="store_true", help="average predictions over a horizontal flip")
+        t.add_argument("--amp", default=True, action=argparse.BooleanOptionalAction,
+                       help="mixed precision on CUDA (ignored on CPU)")
+        t.add_argument("--backbone", default="resnet101", choices=BACKBONES,
+                       help="paper: resnet101; resnet18/50 for small runs")
+    return p
+
+
+# ============================================================================
+# Shared losses
+# ============================================================================
+def weighted_ce(logits, label, weight=None):
+    """Eq. (10): sum_i -w_i log p_{i,y_i} / (number of labelled pixels).
+
+    logits (B, C, H, W); label (B, H, W) with 255 ignored; weight (B, H, W) in [0, 1]
+    or None (uniform 1, i.e. Eq. (2))."""
+    ce = F.cross_entropy(logits.float(), label.long(), ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    valid = label != IGNORE
+    if weight is not None:
+        ce = ce * weight  # Eq. (10)
+    return ce[valid].sum() / valid.sum().clamp(min=1)
+
+
+def symmetric_ce(logits, label, alpha=0.1, beta=1.0, clamp=1e-4):
+    """Eq. (11): alpha * CE + beta * RCE, RCE = -sum_c p_c log y_c with the one-hot label
+    clamped to [clamp, 1]; averaged over labelled pixels (255 contributes nothing)."""
+    logits = logits.float()
+    valid = label != IGNORE
+    n = valid.sum().clamp(min=1)
+    ce = F.cross_entropy(logits, label.long(), ignore_index=IGNORE, reduction="sum") / n
+    p = logits.softmax(1)                                         # (B, C, H, W)
+    onehot = F.one_hot(label.long().clamp(max=logits.shape[1] - 1), logits.shape[1])
+    onehot = onehot.permute(0, 3, 1, 2).float().clamp(min=clamp, max=1.0)
+    rce = -(p * onehot.log()).sum(1)                              # (B, H, W)
+    rce = rce[valid].sum() / n
+    return alpha * ce + beta * rce  # Eq. (11)
+
+
+# ============================================================================
+# The shared training loop (02, 05, 06): SGD, poly lr, AMP, DDP, eval, resume
+# ============================================================================
+def poly_lr(base, it, total, power=0.9, warmup=0):
+    """Poly schedule lr = base * (1 - it/total)^power, after an optional linear warm-up."""
+    if warmup and it < warmup:
+        return base * (it + 1) / warmup
+    return base * (1 - it / max(1, total)) ** power
+
+
+def make_optimizer(model, args):
+    """SGD, momentum 0.9, weight decay 5e-4; the head learns 10x faster (Sec. 4.2)."""
+    return torch.optim.SGD([
+        {"params": model.backbone_parameters(), "lr": args.lr, "lr_mult": 1.0},
+        {"params": model.head_parameters(), "lr": args.lr * args.head_lr_mult,
+         "lr_mult": args.head_lr_mult}],
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_loop(args, stage, model, step_loss, eval_items, eval_kind="cityscapes",
+               extra_state=None, after_step=None, eval_model=None, log_file="log.jsonl"):
+    """Run the training schedule shared by 02, 05 and 06.
+
+    step_loss(it) -> (loss tensor, {name: float}) computes one iteration's loss on the
+    (DDP-wrapped) model. extra_state: {name: (state_dict_fn, load_fn)} saved in
+    checkpoints (e.g. the EMA teacher). after_step(it) runs after the optimizer step.
+    Writes last.pt every --save-every, best.pt on the best target-val mIoU, and returns
+    (final_metrics, best_metrics); model.pt is written by the caller with finish()."""
+    device = next(model.parameters()).device
+    rank, world = get_rank(), get_world()
+    raw = model
+    opt = make_optimizer(raw, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    start, best = 0, {"miou": -1.0}
+    last = stage.dir / "last.pt"
+    if getattr(args, "_resuming", False) and last.exists():
+        ck = load_checkpoint(last)
+        load_state_strict(raw, ck["model"], what=str(last))
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        for k, (_, load) in (extra_state or {}).items():
+            load(ck["extra"][k])
+        start, best = ck["iteration"], ck["best"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        log0(f"resuming from {last} at iteration {start}")
+    args._start_iter = start
+    log_path = stage.dir / log_file
+    t_last, it_last = time.time(), start
+    hist = []
+
+    def state(it):
+        return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "iteration": it, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                "best": best, "rng": {"torch": torch.get_rng_state()},
+                "extra": {k: fn() for k, (fn, _) in (extra_state or {}).items()}}
+
+    metrics = None
+    for it in range(start, args.iters):
+        for g in opt.param_groups:
+            g["lr"] = poly_lr(args.lr, it, args.iters, args.power, args.warmup_iters) * g["lr_mult"]
+        with autocast(device, args.amp):
+            loss, parts = step_loss(it)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss at iteration {it}: "
+                                + ", ".join(f"{k}={v:.4g}" for k, v in parts.items()))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if after_step:
+            after_step(it)
+        done = it + 1
+        if rank == 0:
+            hist.append(parts)
+        if rank == 0 and (done % args.log_every == 0 or done == args.iters):
+            dt = time.time() - t_last
+            ips = (done - it_last) * args.batch_size * world / max(dt, 1e-9)
+            eta = (args.iters - done) * dt / max(1, done - it_last)
+            avg = {k: float(np.mean([h[k] for h in hist])) for k in hist[0]}
+            rec = {"iter": done, **{k: round(v, 5) for k, v in avg.items()},
+                   "lr": opt.param_groups[0]["lr"], "img_per_s": round(ips, 2), "eta_s": round(eta)}
+            print(f"it {done}/{args.iters} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+                  + f" lr {rec['lr']:.2e} {ips:.1f} img/s ETA {datetime.timedelta(seconds=int(eta))}",
+                  flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            hist, t_last, it_last = [], time.time(), done
+        if done % args.eval_every == 0 or done == args.iters:
+            cm = evaluate(eval_model or raw, eval_items, eval_kind, device, args.source,
+                          flip=args.eval_flip, rank=rank, world=world)
+            metrics = summarize_iou(cm, args.source)
+            if rank == 0:
+                print(iou_table(cm, args.source, f"target val after {done} iterations"), flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"iter": done, "val": metrics}) + "\n")
+                if metrics["miou"] > best["miou"]:
+                    best = {**metrics, "iteration": done}
+                    save_checkpoint(stage.dir / "best.pt", **state(done))
+        if rank == 0 and (done % args.save_every == 0 or done == args.iters):
+            save_checkpoint(last, **state(done))
+        barrier()
+    if metrics is None:  # resumed at the end: evaluate once for the summary
+        cm = evaluate(eval_model or raw, eval_items, eval_kind, device, args.source,
+                      flip=args.eval_flip, rank=rank, world=world)
+        metrics = summarize_iou(cm, args.source)
+    return metrics, best, state(args.iters)
+
+
+def wrap_ddp(model, device):
+    """SyncBatchNorm + DistributedDataParallel when running under torchrun."""
+    if get_world() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+# ============================================================================
+# What stages read from each other
+# ============================================================================
+def stylized_source(args, stage=None, raw=False):
+    """The source (image, label) items and a function giving the image each stage trains on:
+    the GPA-stylized copy written by 01_stylize.py (the paper's setting), or the raw
+    source image when raw=True (the GPA ablation). Registers 01's manifest on `stage`."""
+    items = source_items(args.data, args.source)
+    if raw:
+        return items, None
+    m = stage.use("01_stylize") if stage else read_manifest(args.work, "01_stylize")
+    if m["args"]["source"] != args.source:
+        raise StageError(f"{stage_dir(args.work, '01_stylize')} holds a stylized {m['args']['source']} "
+                         f"but --source is {args.source}: run 01_stylize.py --source {args.source}")
+    folder = stage_dir(args.work, "01_stylize") / "images"
+
+    def image_for(p):
+        return folder / item_name(p)
+    missing = [p for p, _ in items if not image_for(p).exists()]
+    if missing:
+        raise StageError(f"{image_for(missing[0])} not found ({len(missing)} stylized images missing): "
+                         f"run 01_stylize.py first")
+    return items, image_for
+
+
+def target_train_items(data):
+    """Cityscapes train images (labels kept where they exist, for reports only)."""
+    return cityscapes_items(data, "train", with_labels=False)
+
+
+def target_val_items(data):
+    return cityscapes_items(data, "val", with_labels=True)
+
+
+def label_kind(source):
+    return {"gta5": "gta5", "synthia": "synthia"}[source]
