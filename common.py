@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +85,16 @@ def colorize(label):
 # ============================================================================
 # Image and label files
 # ============================================================================
+_WARNED = set()
+
+
+def warn(msg):
+    """Print a warning line on stderr once per process (rank 0 only under torchrun)."""
+    if msg not in _WARNED and get_rank() == 0:
+        _WARNED.add(msg)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 class DataError(RuntimeError):
     """Bad input data: the message says which file, what was expected and found."""
 
@@ -253,9 +262,9 @@ def _pairs(images, label_for, name, check_sizes):
                 continue
         items.append((img, lab))
     for s in skipped[:20]:
-        warnings.warn(f"{name}: skipping {s}", stacklevel=3)
+        warn(f"{name}: skipping {s}")
     if len(skipped) > 20:
-        warnings.warn(f"{name}: skipped {len(skipped)} pairs in all", stacklevel=3)
+        warn(f"{name}: skipped {len(skipped)} pairs in all")
     if not items:
         raise DataError(f"{name}: no usable image/label pairs found")
     return items
@@ -399,8 +408,8 @@ class SegDataset(torch.utils.data.Dataset):
             if m.shape != (h, w):
                 raise DataError(f"{p}: map is {m.shape[1]}x{m.shape[0]} but image is {w}x{h}")
             maps.append(m)
-        img_t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        maps_t = [torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8)) for m in maps]
+        img_t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps]
         img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter)
         out = {"image": img_t, "index": i}
         if lab_path is not None:
@@ -639,7 +648,7 @@ def iou_table(cm, source, title=""):
 
 @torch.no_grad()
 def evaluate(model, items, label_kind, device, source, flip=False, desc="eval", rank=0, world=1,
-             max_side=None):
+             image_for=None):
     """Full-resolution evaluation (the field's protocol: Cityscapes val at 2048x1024).
     Images are sharded across ranks and the confusion matrices summed."""
     from tqdm import tqdm
@@ -649,7 +658,8 @@ def evaluate(model, items, label_kind, device, source, flip=False, desc="eval", 
     cm = torch.zeros(n, n + 1, dtype=torch.int64)
     mine = items[rank::world]
     for img_path, lab_path in tqdm(mine, desc=desc, leave=False, disable=rank != 0 or len(mine) < 20):
-        img = torch.from_numpy(read_image(img_path)).permute(2, 0, 1)[None].to(device)
+        img = read_image(image_for(img_path) if image_for else img_path)
+        img = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].to(device)
         lab = decode_label(lab_path, label_kind)
         pred = predict_logits(model, img, flip=flip, size=lab.shape).argmax(1)[0].cpu().numpy()
         cm += torch.from_numpy(confusion(pred, lab, n))

@@ -1,0 +1,30 @@
+"""Shared test fixtures: small toy datasets written by toy_data.py, and a loader for
+the numbered stage scripts (their names start with digits, so `import` cannot)."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def load_stage(name):
+    """Import a stage script, e.g. load_stage('03_maps') -> module."""
+    path = ROOT / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A small toy dataset (half-size images, fewer of them), generated once per session."""
+    import toy_data as td
+    d = tmp_path_factory.mktemp("data")
+    td.main(["--data", str(d), "--scale", "0.5", "--count", "0.5", "--seed", "0"])
+    return d
