@@ -28,3 +28,23 @@ def toy_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     td.main(["--data", str(d), "--scale", "0.5", "--count", "0.5", "--seed", "0"])
     return d
+
+
+def run_stage(name, *args):
+    """Run a stage script's main() in-process with the given command-line arguments."""
+    return load_stage(name).main([str(a) for a in args])
+
+
+TINY_TRAIN = ["--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
+              "--crop", "64", "32", "--workers", "0", "--log-every", "10"]
+
+
+@pytest.fixture(scope="session")
+def warmup_work(toy_data, tmp_path_factory):
+    """A work folder in which 01_stylize and 02_warmup are complete (tiny resnet18 run on
+    the small toy data). Tests that write further stages copy it first (shutil.copytree)."""
+    w = tmp_path_factory.mktemp("work")
+    run_stage("01_stylize", "--data", toy_data, "--work", w, "--workers", "0")
+    run_stage("02_warmup", "--data", toy_data, "--work", w, *TINY_TRAIN,
+              "--iters", "30", "--eval-every", "30", "--source-eval", "8")
+    return w
