@@ -268,9 +268,11 @@ def _e_step(z, weights, means, variances, chunk):
     for i in range(0, n, chunk):
         zc = z[i:i + chunk]                                           # (m, 2D)
         lp = (zc @ W).double() + b                                    # (m, K)  log pi_k N_k, Eq. (5)
-        lse = torch.logsumexp(lp, 1)                                  # (m,)    Eq. (4)
-        ll += lse.sum()
-        r = torch.exp(lp - lse[:, None])                              # (m, K)  responsibilities
+        mx = lp.amax(1, keepdim=True)                                 # (m, 1)
+        r = lp.sub_(mx).clamp_min_(-700.0).exp_()                     # (m, K)  (see logsumexp_)
+        tot = r.sum(1, keepdim=True)
+        ll += (torch.log(tot) + mx).sum()                             # sum_i log p(f_i), Eq. (4)
+        r /= tot                                                      # (m, K)  responsibilities
         nk += r.sum(0)
         s += (r.to(z.dtype).T @ zc).double()                          # (K, 2D)
     return ll.item() / n, nk, s
@@ -355,6 +357,17 @@ def fit_class_gmms(samples, k, min_per_component=10, device="cpu", **em):
 # ============================================================================
 # Eq. (4): log p_c(f) of every class at once, and the centroid baseline
 # ============================================================================
+def logsumexp_(x, out):
+    """out = log sum_k exp(x[..., k]), overwriting x. Like torch.logsumexp, but exp's
+    argument is clamped at -80: on the CPU torch.logsumexp is ~4x slower when most terms
+    underflow, as they do here (log densities spread over hundreds of nats), and terms
+    below e^-80 of the largest cannot change a float32 result. All -inf gives -inf."""
+    mx = x.amax(-1, keepdim=True)                                     # (..., 1)
+    s = x.sub_(mx).clamp_min_(-80.0).exp_().sum(-1)                   # (...,)
+    torch.add(torch.log(s), mx[..., 0], out=out)
+    return out.masked_fill_(torch.isneginf(mx[..., 0]), -math.inf)
+
+
 class MixtureLogDensity:
     """scores(f) = [log p_c(f)]_c for all C classes (Eq. (4)), f (n, D) -> (n, C).
 
@@ -388,8 +401,8 @@ class MixtureLogDensity:
             zc = z[:m]
             torch.sub(f[i:i + m], self.shift, out=zc[:, :D])          # f - shift
             torch.mul(zc[:, :D], zc[:, :D], out=zc[:, D:])            # (f - shift)^2
-            lp = torch.addmm(self.b, zc, self.W)                      # (m, C*K)  Eq. (5), all at once
-            torch.logsumexp(lp.view(m, self.C, self.K), -1, out=out[i:i + m])  # (m, C)  Eq. (4)
+            lp = torch.addmm(self.b, zc, self.W).view(m, self.C, self.K)   # (m, C, K)  Eq. (5), all at once
+            logsumexp_(lp, out[i:i + m])                              # (m, C)  Eq. (4)
         return out
 
 

@@ -20,6 +20,7 @@ score: 2,000,000 x 256 features against 19 class mixtures of K = 8 (all C*K comp
 import argparse
 import importlib.util
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 _spec = importlib.util.spec_from_file_location("maps", ROOT / "03_maps.py")
 maps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(maps)

@@ -187,3 +187,77 @@ def test_upsample_rows_matches_interpolate():
     iy, ix = M.bilinear_index(7, H, "cpu"), M.bilinear_index(9, W, "cpu")
     got = torch.cat([M.upsample_rows(f, iy, ix, r, min(H, r + 4)) for r in range(0, H, 4)])
     torch.testing.assert_close(got, ref.reshape(-1, 5), atol=1e-5, rtol=1e-5)
+
+
+# ============ the stage on the toy data ============
+def run_maps(work, data, *extra):
+    return M.main(["--data", str(data), "--work", str(work), "--workers", "0",
+                   "--samples-per-class", "5000", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def maps_run(warmup_work, toy_data, tmp_path_factory):
+    import shutil
+    w = tmp_path_factory.mktemp("maps") / "work"
+    shutil.copytree(warmup_work, w)
+    summary = run_maps(w, toy_data, "--target-ratio", "0.5")
+    return w, summary
+
+
+def test_stage_writes_prototypes_labels_and_manifest(maps_run, toy_data):
+    from common import NUM_CLASSES, decode_label, items_digest, read_manifest, target_train_items
+    w, summary = maps_run
+    out = w / "03_maps"
+    z = np.load(out / "gmm.npz")
+    assert z["weights"].shape == (NUM_CLASSES, 8) and z["means"].shape == (NUM_CLASSES, 8, 256)
+    assert z["variances"].shape == (NUM_CLASSES, 8, 256) and (z["variances"] > 0).all()
+    assert np.isfinite(z["means"]).all() and len(z["present"]) > 0
+    np.testing.assert_allclose(z["weights"][z["present"]].sum(1), 1, atol=1e-9)
+    assert (z["source_sampled"] <= 5000).all() and (z["source_sampled"] <= z["source_seen"]).all()
+    targets = target_train_items(toy_data)
+    labels = sorted((out / "labels").glob("*.png"))
+    assert [p.name for p in labels] == sorted(p.name for p, _ in targets)
+    lab = decode_label(labels[0], "trainid")
+    assert set(np.unique(lab).tolist()) <= set(range(NUM_CLASSES)) | {255}
+    m = read_manifest(w, "03_maps")
+    assert m["target_items_digest"] == items_digest(targets)
+    assert m["summary"]["pl_ratio"] == pytest.approx(0.5, abs=0.02)   # --target-ratio hits the ratio
+    assert 0 <= m["summary"]["accuracy"] <= 1 and "delta" in m["summary"]["threshold"]
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["prototypes"]) == NUM_CLASSES and len(list((out / "previews").glob("*.png"))) == 4
+    assert summary == m["summary"]
+
+
+def test_stage_resumes_only_missing_images(maps_run, toy_data):
+    w, summary = maps_run
+    labels = sorted((w / "03_maps" / "labels").glob("*.png"))
+    gone = labels[:2]
+    for p in gone:
+        p.unlink()
+    before = {p: p.stat().st_mtime_ns for p in labels[2:]}
+    gmm = (w / "03_maps" / "gmm.npz").stat().st_mtime_ns
+    again = run_maps(w, toy_data, "--target-ratio", "0.5")
+    assert all(p.exists() for p in gone)
+    assert {p: p.stat().st_mtime_ns for p in labels[2:]} == before
+    assert (w / "03_maps" / "gmm.npz").stat().st_mtime_ns == gmm
+    assert again == summary
+
+
+@pytest.mark.parametrize("pla", ["centroid", "confidence"])
+def test_baselines_write_the_same_artifacts(pla, warmup_work, toy_data, tmp_path, maps_run):
+    import shutil
+    shutil.copytree(warmup_work, tmp_path / "w")
+    s = run_maps(tmp_path / "w", toy_data, "--pla", pla, "--target-ratio", "0.5", "--calib-images", "8")
+    assert s["pl_ratio"] == pytest.approx(0.5, abs=0.1)           # calibrated on 8 of the images
+    n = len(list((maps_run[0] / "03_maps" / "labels").glob("*.png")))
+    assert len(list((tmp_path / "w" / "03_maps" / "labels").glob("*.png"))) == n
+    print(f"{pla}: ratio {s['pl_ratio']}, accuracy {s['accuracy']} "
+          f"(maps: ratio {maps_run[1]['pl_ratio']}, accuracy {maps_run[1]['accuracy']})")
+
+
+def test_cli_rejects_conflicting_thresholds():
+    with pytest.raises(SystemExit):
+        M.parse_args(["--delta", "1", "--target-ratio", "0.5"])
+    with pytest.raises(SystemExit):
+        M.parse_args(["--pla", "confidence"])
+    assert M.parse_args(["--source", "synthia"]).delta is None          # -> -50 (Sec. 4.2) at run time
