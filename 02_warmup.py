@@ -37,7 +37,7 @@ def main(argv=None):
     stage = common.Stage(args, "02_warmup")
     items, image_for = common.stylized_source(args, stage, raw=args.source_images == "raw")
     val = common.target_val_items(args.data)
-    args._resuming = stage.begin()
+    resuming = stage.begin()
 
     # ============ data and model ============
     ds = common.SegDataset(items, common.label_kind(args.source), crop=tuple(args.crop),
@@ -60,7 +60,7 @@ def main(argv=None):
         return loss, {"loss_ce": loss.item()}
 
     # ============ training (shared schedule: SGD, poly, AMP, eval, checkpoints) ============
-    final, best, state = common.train_loop(args, stage, model, step_loss, val)
+    final, best, state = common.train_loop(args, stage.dir, model, step_loss, val, resume=resuming)
     src = {}
     if args.source_eval > 0:
         cm = common.evaluate(model, items[: args.source_eval], common.label_kind(args.source), device,

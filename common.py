@@ -373,17 +373,19 @@ def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """Image + label (+ optional extra per-pixel maps) with the joint transforms.
+    """Image + label (+ extra per-pixel maps) with the joint transforms.
 
     items: list of (image_path, label_path or None); label_kind: how to decode labels;
-    extra: list of functions image_path -> path of an 8-bit PNG (e.g. STM weights),
-    transformed with the same geometry. Returns a dict of uint8 tensors."""
+    extra: {name: function image_path -> 8-bit PNG path} for maps that follow the image's
+    geometry (e.g. the STM weights of 04). image_for maps an item to the image actually
+    read (e.g. the stylized copy). Returns uint8 tensors: image (3, H, W), label (H, W),
+    each extra map (H, W), and valid (H, W) bool: False on padding added by the crop."""
 
     def __init__(self, items, label_kind, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0,
-                 extra=(), image_for=None, seed=0):
+                 extra=None, image_for=None):
         self.items, self.label_kind = list(items), label_kind
         self.crop, self.scale, self.flip, self.jitter = crop, scale, flip, jitter
-        self.extra, self.image_for, self.seed = list(extra), image_for, seed
+        self.extra, self.image_for = dict(extra or {}), image_for
 
     def __len__(self):
         return len(self.items)
@@ -393,29 +395,23 @@ class SegDataset(torch.utils.data.Dataset):
         img_path = self.image_for(path) if self.image_for else path
         img = read_image(img_path)
         h, w = img.shape[:2]
-        maps = []
+        maps = {"valid": np.ones((h, w), np.uint8)}
         if lab_path is not None:
-            lab = decode_label(lab_path, self.label_kind)
-            if lab.shape != (h, w):
-                raise DataError(f"{lab_path}: label is {lab.shape[1]}x{lab.shape[0]} but image "
-                                f"{img_path} is {w}x{h}")
-            maps.append(lab)
-        for fn in self.extra:
-            p = fn(path)
-            m = np.asarray(Image.open(p)) if Path(p).exists() else None
-            if m is None:
-                raise DataError(f"{p} not found")
+            maps["label"] = decode_label(lab_path, self.label_kind)
+        for name, fn in self.extra.items():
+            p = Path(fn(path))
+            if not p.exists():
+                raise DataError(f"{p} not found (the {name} map of {img_path})")
+            maps[name] = np.asarray(Image.open(p))
+        for name, m in maps.items():
             if m.shape != (h, w):
-                raise DataError(f"{p}: map is {m.shape[1]}x{m.shape[0]} but image is {w}x{h}")
-            maps.append(m)
+                raise DataError(f"{img_path}: the {name} map is {m.shape[1]}x{m.shape[0]} but the "
+                                f"image is {w}x{h}")
         img_t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps]
+        maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps.values()]
         img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter)
-        out = {"image": img_t, "index": i}
-        if lab_path is not None:
-            out["label"] = maps_t.pop(0)
-        for k, m in enumerate(maps_t):
-            out[f"extra{k}"] = m
+        out = {"image": img_t, "index": i, **dict(zip(maps, maps_t))}
+        out["valid"] = out["valid"] == 1
         return out
 
 
@@ -978,23 +974,25 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_loop(args, stage, model, step_loss, eval_items, eval_kind="cityscapes",
-               extra_state=None, after_step=None, eval_model=None, log_file="log.jsonl"):
+def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscapes",
+               extra_state=None, after_step=None, resume=False):
     """Run the training schedule shared by 02, 05 and 06.
 
     step_loss(it) -> (loss tensor, {name: float}) computes one iteration's loss on the
     (DDP-wrapped) model. extra_state: {name: (state_dict_fn, load_fn)} saved in
     checkpoints (e.g. the EMA teacher). after_step(it) runs after the optimizer step.
-    Writes last.pt every --save-every, best.pt on the best target-val mIoU, and returns
-    (final_metrics, best_metrics); model.pt is written by the caller with finish()."""
+    Writes out_dir/last.pt every --save-every, best.pt on the best target-val mIoU and
+    log.jsonl; resume=True continues from last.pt. Returns (final metrics, best metrics,
+    final checkpoint state); the caller writes model.pt and the manifest."""
     device = next(model.parameters()).device
     rank, world = get_rank(), get_world()
     raw = model
     opt = make_optimizer(raw, args)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     start, best = 0, {"miou": -1.0}
-    last = stage.dir / "last.pt"
-    if getattr(args, "_resuming", False) and last.exists():
+    out_dir = Path(out_dir)
+    last = out_dir / "last.pt"
+    if resume and last.exists():
         ck = load_checkpoint(last)
         load_state_strict(raw, ck["model"], what=str(last))
         opt.load_state_dict(ck["optimizer"])
@@ -1005,7 +1003,7 @@ def train_loop(args, stage, model, step_loss, eval_items, eval_kind="cityscapes"
         torch.set_rng_state(ck["rng"]["torch"])
         log0(f"resuming from {last} at iteration {start}")
     args._start_iter = start
-    log_path = stage.dir / log_file
+    log_path = out_dir / "log.jsonl"
     t_last, it_last = time.time(), start
     hist = []
 
@@ -1047,7 +1045,7 @@ def train_loop(args, stage, model, step_loss, eval_items, eval_kind="cityscapes"
                 f.write(json.dumps(rec) + "\n")
             hist, t_last, it_last = [], time.time(), done
         if done % args.eval_every == 0 or done == args.iters:
-            cm = evaluate(eval_model or raw, eval_items, eval_kind, device, args.source,
+            cm = evaluate(raw, eval_items, eval_kind, device, args.source,
                           flip=args.eval_flip, rank=rank, world=world)
             metrics = summarize_iou(cm, args.source)
             if rank == 0:
@@ -1056,12 +1054,12 @@ def train_loop(args, stage, model, step_loss, eval_items, eval_kind="cityscapes"
                     f.write(json.dumps({"iter": done, "val": metrics}) + "\n")
                 if metrics["miou"] > best["miou"]:
                     best = {**metrics, "iteration": done}
-                    save_checkpoint(stage.dir / "best.pt", **state(done))
+                    save_checkpoint(out_dir / "best.pt", **state(done))
         if rank == 0 and (done % args.save_every == 0 or done == args.iters):
             save_checkpoint(last, **state(done))
         barrier()
     if metrics is None:  # resumed at the end: evaluate once for the summary
-        cm = evaluate(eval_model or raw, eval_items, eval_kind, device, args.source,
+        cm = evaluate(raw, eval_items, eval_kind, device, args.source,
                       flip=args.eval_flip, rank=rank, world=world)
         metrics = summarize_iou(cm, args.source)
     return metrics, best, state(args.iters)
@@ -1090,15 +1088,23 @@ def stylized_source(args, stage=None, raw=False):
     if m["args"]["source"] != args.source:
         raise StageError(f"{stage_dir(args.work, '01_stylize')} holds a stylized {m['args']['source']} "
                          f"but --source is {args.source}: run 01_stylize.py --source {args.source}")
-    folder = stage_dir(args.work, "01_stylize") / "images"
-
-    def image_for(p):
-        return folder / item_name(p)
+    image_for = InFolder(stage_dir(args.work, "01_stylize") / "images")
     missing = [p for p, _ in items if not image_for(p).exists()]
     if missing:
         raise StageError(f"{image_for(missing[0])} not found ({len(missing)} stylized images missing): "
                          f"run 01_stylize.py first")
     return items, image_for
+
+
+class InFolder:
+    """image path -> folder/<same file name> (picklable, for data-loader workers)."""
+
+    def __init__(self, folder, suffix=None):
+        self.folder, self.suffix = Path(folder), suffix
+
+    def __call__(self, p):
+        name = item_name(p)
+        return self.folder / (Path(name).stem + self.suffix if self.suffix else name)
 
 
 def target_train_items(data):
@@ -1112,3 +1118,71 @@ def target_val_items(data):
 
 def label_kind(source):
     return {"gta5": "gta5", "synthia": "synthia"}[source]
+
+
+# ============================================================================
+# Self-training plumbing shared by 05 and 06
+# ============================================================================
+def check_made_from(stage, name, made_from):
+    """Fail when upstream stage `name` was built from another run of `made_from` than the
+    one this stage uses (e.g. 03's pseudo labels from an older warm-up model)."""
+    want = stage.upstream[made_from].get("run_id")
+    got = stage.upstream[name].get("upstream", {}).get(made_from)
+    if got != want:
+        raise StageError(f"{stage_dir(stage.args.work, name)} is stale: it was made from another run "
+                         f"of {STAGES[made_from]} than {stage_dir(stage.args.work, made_from)}: "
+                         f"run {STAGES[name]} again")
+
+
+def source_dataset(args, stage, use_stm=True):
+    """The stylized source with its labels and, with use_stm, the STM weights of 04
+    (Eq. (9), 8-bit PNGs) following every scale, crop and flip of the image."""
+    items, image_for = stylized_source(args, stage)
+    extra = {}
+    if use_stm:
+        stage.use("04_stm")
+        folder = stage_dir(args.work, "04_stm") / "stm"
+        extra["stm"] = InFolder(folder)
+        missing = [p for p, _ in items if not extra["stm"](p).exists()]
+        if missing:
+            raise StageError(f"{extra['stm'](missing[0])} not found ({len(missing)} of {len(items)} "
+                             f"source images have no transferability map): run 04_stm.py again")
+    return SegDataset(items, label_kind(args.source), crop=tuple(args.crop), scale=tuple(args.scale),
+                      jitter=args.jitter, extra=extra, image_for=image_for)
+
+
+def target_dataset(args, labels_dir, producer):
+    """Cityscapes train images with pseudo labels (trainId PNGs named after the images)
+    from `labels_dir`; a missing, extra or wrongly sized label is a stale-input error."""
+    labels_dir = Path(labels_dir)
+    images = [p for p, _ in target_train_items(args.data)]
+    names = {item_name(p) for p in images}
+    have = {p.name for p in labels_dir.glob("*.png")} if labels_dir.is_dir() else set()
+    missing, extra = sorted(names - have), sorted(have - names)
+    if missing or extra:
+        what = (f"{len(missing)} target images have no pseudo label (e.g. {labels_dir / missing[0]})"
+                if missing else f"{len(extra)} pseudo labels belong to no target image (e.g. {extra[0]})")
+        raise StageError(f"{labels_dir}: pseudo labels are for a different target set: {what}: "
+                         f"run {STAGES[producer]} again")
+    for p in images:
+        if image_size(p) != image_size(labels_dir / item_name(p)):
+            raise StageError(f"{labels_dir / item_name(p)}: size {image_size(labels_dir / item_name(p))} "
+                             f"differs from its image {p} {image_size(p)}: run {STAGES[producer]} again")
+    return SegDataset([(p, labels_dir / item_name(p)) for p in images], "trainid",
+                      crop=tuple(args.crop), scale=tuple(args.scale), jitter=args.jitter)
+
+
+def kl_divergence(teacher_logits, student_logits, mask=None):
+    """KL(p_teacher || p_student) per pixel, sum_c p~ (log p~ - log p) (Eq. (12)), averaged
+    over the pixels where mask is True. Log-probabilities for the student, probabilities
+    for the teacher: the form torch's kl_div expects (input = log q, target = p)."""
+    lt = teacher_logits.float().log_softmax(1)                 # (B, C, H, W)
+    ls = student_logits.float().log_softmax(1)
+    kl = (lt.exp() * (lt - ls)).sum(1)                         # (B, H, W)  Eq. (12)
+    if mask is None:
+        return kl.mean()
+    return kl[mask].sum() / mask.sum().clamp(min=1)
+
+
+def upsample(logits, size):
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

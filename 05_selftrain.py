@@ -1,0 +1,200 @@
+"""05_selftrain.py: bidirectional self-training (BiSMAP Sec. 3.5, Eq. (10)-(13)).
+
+Starting from the warm-up model, each iteration takes a batch of stylized source images
+and a batch of target images and minimises
+    L = L_ce + L_sce + lambda * L_consist                                      Eq. (13)
+  L_ce:      source cross-entropy, each pixel weighted by its transferability w_i (04)  Eq. (10)
+  L_sce:     symmetric cross-entropy on the target with the pseudo labels of 03         Eq. (11)
+  L_consist: KL(teacher || student) per pixel; the teacher is an EMA of the student and
+             sees the clean target crop, the student sees phi(x^t) = photometric
+             RandAugment + CutOut of the same crop; cut-out pixels are excluded         Eq. (12)
+
+Reads:  work/02_warmup/model.pt, work/01_stylize/images, work/03_maps/labels,
+        work/04_stm/stm, data/cityscapes (val for evaluation)
+Writes: work/05_selftrain/model.pt (final), best.pt, last.pt, log.jsonl, manifest.json
+
+Real data (one GPU; paper: 4 source + 4 target per step, 90k iterations):
+    python 05_selftrain.py --data data --work work --source gta5
+  several GPUs:  torchrun --nproc_per_node 4 05_selftrain.py --batch-size 1 ...
+Toy data (CPU):
+    python 05_selftrain.py --iters 300 --batch-size 4 --crop 128 64 --eval-every 100 --workers 0
+Table 4 ablations: --no-stm (uniform source weights), --no-consistency; Table 3: run
+03_maps.py --pla centroid|confidence first (05 trains on whatever 03 wrote).
+"""
+import copy
+import math
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+import common
+
+# ============ phi: photometric RandAugment + CutOut (pixel positions never move) ============
+# Only photometric operations: the teacher's clean view and the student's augmented view
+# must stay pixel-aligned for the per-pixel KL of Eq. (12). (torchvision's RandAugment
+# also shears, translates and rotates, which would misalign them; the official code
+# applies such geometric ops without undoing them.)
+PHOTOMETRIC_OPS = {
+    "identity": lambda x, m: x,
+    "brightness": lambda x, m: TF.adjust_brightness(x, 1 + m * _sign()),
+    "contrast": lambda x, m: TF.adjust_contrast(x, 1 + m * _sign()),
+    "color": lambda x, m: TF.adjust_saturation(x, 1 + m * _sign()),
+    "sharpness": lambda x, m: TF.adjust_sharpness(x, 1 + m * _sign()),
+    "posterize": lambda x, m: TF.posterize(x, int(8 - round(4 * m))),
+    "solarize": lambda x, m: TF.solarize(x, int(255 * (1 - m))),
+    "autocontrast": lambda x, m: TF.autocontrast(x),
+    "equalize": lambda x, m: TF.equalize(x),
+}
+
+
+def _sign():
+    return 1.0 if torch.rand(()) < 0.5 else -1.0
+
+
+def rand_augment(img, n_ops=2, magnitude=0.5):
+    """RandAugment (Cubuk et al.) restricted to photometric ops: n_ops ops drawn uniformly,
+    each with a random magnitude in [0, magnitude]. img: (3, H, W) uint8."""
+    names = list(PHOTOMETRIC_OPS)
+    for k in torch.randint(len(names), (n_ops,)).tolist():
+        img = PHOTOMETRIC_OPS[names[k]](img, magnitude * torch.rand(()).item())
+    return img
+
+
+def cutout(img, frac=0.5, fill=(124, 116, 104)):
+    """CutOut (DeVries & Taylor): one box of frac x the image sides at a random centre,
+    filled with the ImageNet mean colour. Returns the image and keep (H, W), False in the box."""
+    _, h, w = img.shape
+    bh, bw = max(1, int(h * frac)), max(1, int(w * frac))
+    cy, cx = torch.randint(h, ()).item(), torch.randint(w, ()).item()
+    y0, y1 = max(0, cy - bh // 2), min(h, cy + bh - bh // 2)
+    x0, x1 = max(0, cx - bw // 2), min(w, cx + bw - bw // 2)
+    img = img.clone()
+    img[:, y0:y1, x0:x1] = torch.tensor(fill, dtype=img.dtype).view(3, 1, 1)
+    keep = torch.ones(h, w, dtype=torch.bool)
+    keep[y0:y1, x0:x1] = False
+    return img, keep
+
+
+def phi(images, n_ops=2, magnitude=0.5, cut=0.5):
+    """phi(x^t) for a batch (B, 3, H, W) uint8 -> augmented batch and keep mask (B, H, W)."""
+    out, keep = [], []
+    for img in images:
+        a, k = cutout(rand_augment(img, n_ops, magnitude), cut)
+        out.append(a)
+        keep.append(k)
+    return torch.stack(out), torch.stack(keep)
+
+
+# ============ the mean teacher ============
+@torch.no_grad()
+def ema_update(teacher, student, decay=0.999):
+    """theta_t <- decay * theta_t + (1 - decay) * theta_s; buffers (BN statistics) copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def ramp_up(it, length):
+    """Sigmoid ramp-up exp(-5 (1 - t)^2), t = it / length (Laine & Aila; Tarvainen & Valpola)."""
+    if length <= 0 or it >= length:
+        return 1.0
+    t = it / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def main(argv=None):
+    p = common.base_parser(__doc__, training=True)
+    p.set_defaults(batch_size=4)
+    g = p.add_argument_group("BiSMAP self-training (Sec. 3.5, 4.2)")
+    g.add_argument("--alpha", type=float, default=0.1, help="alpha of the SCE loss, Eq. (11) (paper: 0.1)")
+    g.add_argument("--beta", type=float, default=1.0, help="beta of the SCE loss, Eq. (11) (paper: 1.0)")
+    g.add_argument("--lam", type=float, default=20.0,
+                   help="lambda of Eq. (13) (paper Sec. 4.2: 20; the official config uses 30)")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA smoothing of the teacher (paper: 0.999)")
+    g.add_argument("--ramp-up", type=int, default=2000,
+                   help="iterations of the sigmoid ramp-up of lambda (the paper is silent; about 2%% "
+                        "of the 90k schedule, so the consistency term does not pull toward a "
+                        "teacher that is still the warm-up model)")
+    g.add_argument("--ra-ops", type=int, default=2, help="RandAugment: photometric ops per image (N)")
+    g.add_argument("--ra-magnitude", type=float, default=0.5, help="RandAugment: largest magnitude (0-1)")
+    g.add_argument("--cutout", type=float, default=0.5, help="CutOut box side, as a fraction of the crop")
+    g.add_argument("--no-stm", action="store_true", help="uniform source weights (Table 4 without STM)")
+    g.add_argument("--no-consistency", action="store_true", help="drop Eq. (12) (Table 4 rows)")
+    args = p.parse_args(argv)
+    rank, world = common.setup_distributed()
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed + rank)
+    stage = common.Stage(args, "05_selftrain")
+    warm = stage.use("02_warmup")
+    args.backbone = warm["args"]["backbone"]  # the segmentor is the warm-up model's
+    maps = stage.use("03_maps")
+    common.check_made_from(stage, "03_maps", "02_warmup")
+    src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)
+    if not args.no_stm:
+        common.check_made_from(stage, "04_stm", "02_warmup")
+    tgt_ds = common.target_dataset(args, common.stage_dir(args.work, "03_maps") / "labels", "03_maps")
+    val = common.target_val_items(args.data)
+    resuming = stage.begin()
+
+    # ============ models: student from the warm-up weights, EMA teacher ============
+    model, _ = common.model_from_checkpoint(common.stage_dir(args.work, "02_warmup") / "model.pt",
+                                            device, "02_warmup")
+    model.train()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    ddp = common.wrap_ddp(model, device)
+    loaders = None
+
+    def step_loss(it):
+        nonlocal loaders
+        if loaders is None:
+            loaders = [common.infinite_loader(ds, args.batch_size, args.workers, args.seed + k,
+                                              rank, world, start_epoch=args._start_iter)
+                       for k, ds in enumerate((src_ds, tgt_ds))]
+        s, t = next(loaders[0]), next(loaders[1])
+        # ---- source: Eq. (10) ----
+        xs = common.normalize(s["image"].to(device))                      # (B, 3, H, W)
+        ys = s["label"].to(device)                                        # (B, H, W)
+        ws = None if args.no_stm else s["stm"].to(device).float() / 255   # (B, H, W) in [0, 1]
+        loss_ce = common.weighted_ce(common.upsample(ddp(xs)[1], ys.shape[-2:]), ys, ws)  # Eq. (10)
+        # ---- target: Eq. (11) on the clean view, Eq. (12) on phi(view) vs the teacher ----
+        xt_u8 = t["image"]
+        yt = t["label"].to(device)
+        if args.no_consistency:
+            lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+            loss_cons = torch.zeros((), device=device)
+        else:
+            xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
+            both = common.normalize(torch.cat([xt_u8, xa_u8]).to(device))
+            lt, la = common.upsample(ddp(both)[1], yt.shape[-2:]).chunk(2)
+            with torch.no_grad():
+                lteach = common.upsample(teacher(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+            mask = keep.to(device) & t["valid"].to(device)
+            loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)
+        loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
+        lam = args.lam * ramp_up(it, args.ramp_up)
+        loss = loss_ce + loss_sce + lam * loss_cons  # Eq. (13)
+        return loss, {"loss": loss.item(), "ce": loss_ce.item(), "sce": loss_sce.item(),
+                      "consist": loss_cons.item(), "lambda": lam}
+
+    def after_step(it):
+        if not args.no_consistency:
+            ema_update(teacher, model, args.ema)
+
+    extra = {"teacher": (teacher.state_dict, lambda sd: teacher.load_state_dict(sd))}
+    final, best, state = common.train_loop(args, stage.dir, model, step_loss, val, extra_state=extra,
+                                           after_step=after_step, resume=resuming)
+    if rank == 0:
+        common.save_checkpoint(stage.dir / "model.pt", **state)
+        stage.finish({"target_miou": final["miou"], "target": final, "best": best,
+                      "warmup_target_miou": warm["summary"]["target_miou"],
+                      "pla": maps["args"].get("pla", "maps"), "stm": not args.no_stm,
+                      "consistency": not args.no_consistency})
+        print(f"05_selftrain: target val mIoU {final['miou']:.1f} (warm-up "
+              f"{warm['summary']['target_miou']:.1f}; best {best['miou']:.1f} at iteration "
+              f"{best.get('iteration')}) -> {stage.dir / 'model.pt'}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

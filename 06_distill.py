@@ -1,0 +1,195 @@
+"""06_distill.py: self-distillation into a fresh student (BiSMAP Sec. 4.3, the rows marked
+"*" in Tables 1/2: 61.2 / 62.8 mIoU; the stage comes from ProDA, Zhang et al. CVPR 2021).
+
+Each round r = 1..R:
+  1. the teacher (round 1: 05's self-trained model; round r+1: round r's student) labels
+     every target training image with its prediction averaged over a horizontal flip
+     (and --scales), keeping pixels whose confidence reaches --conf-threshold;
+  2. a fresh student (backbone from --student-init) is trained with
+        L = L_ce (Eq. (10), STM-weighted source)  +  L_sce (Eq. (11), teacher pseudo labels)
+            + --kd-weight * KL(p_teacher || p_student)   on the same target crop,
+     the KL computed correctly: log-probabilities for the student, probabilities for the
+     teacher, summed over classes and averaged over pixels (--official-kl reproduces the
+     official code's kl_div(softmax(student), softmax(teacher)), which is not a KL).
+
+Reads:  work/05_selftrain/model.pt, work/01_stylize/images, work/04_stm/stm, data/cityscapes
+Writes: work/06_distill/round<r>/{labels/*.png, model.pt, best.pt, last.pt, log.jsonl},
+        work/06_distill/model.pt (the last round's student), manifest.json
+
+Real data (one GPU):
+    python 06_distill.py --data data --work work --student-init simclr_r101_tv.pth
+  several GPUs:  torchrun --nproc_per_node 4 06_distill.py --batch-size 1 ...
+Toy data (CPU):
+    python 06_distill.py --student-init none --iters 200 --batch-size 4 --crop 128 64 \
+        --eval-every 100 --workers 0
+
+Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101. Those
+weights are published as TensorFlow checkpoints (google-research/simclr, r101_1x_sk0);
+convert them to a torchvision-layout ResNet state dict with a converter such as the
+community `simclrv2-pytorch` scripts (conv/bn names mapped to conv1, bn1, layer1.0.conv1
+...), save it with torch.save(state_dict, PATH) and pass --student-init PATH: it is loaded
+strictly, and every missing or unexpected key is listed. `imagenet` uses torchvision's
+ImageNet weights (a weaker start than SimCLRv2).
+"""
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+
+# ============ the distillation loss ============
+def distill_kl(teacher_logits, student_logits, mask=None, official=False):
+    """KL(p_teacher || p_student) averaged over pixels (common.kl_divergence).
+    official=True: F.kl_div(softmax(student), softmax(teacher)) summed over classes, the
+    official code's form: it treats the student's probabilities as log-probabilities,
+    giving sum_c p_t (log p_t - p_s), which is not a divergence (it is not 0 when the
+    two agree, and its gradient is p_t instead of p_s - p_t)."""
+    if not official:
+        return common.kl_divergence(teacher_logits, student_logits, mask)
+    kl = F.kl_div(student_logits.float().softmax(1), teacher_logits.float().softmax(1),
+                  reduction="none").sum(1)                                 # (B, H, W)
+    return kl.mean() if mask is None else kl[mask].sum() / mask.sum().clamp(min=1)
+
+
+# ============ teacher pseudo labels ============
+@torch.no_grad()
+def teacher_probs(model, img_u8, scales=(1.0,), flip=True):
+    """Softmax of the teacher averaged over scales and a horizontal flip, at input size.
+    img_u8: (1, 3, H, W) uint8. Returns (1, C, H, W)."""
+    h, w = img_u8.shape[-2:]
+    acc = 0
+    for s in scales:
+        x = img_u8 if s == 1.0 else F.interpolate(img_u8.float(), scale_factor=s, mode="bilinear",
+                                                  align_corners=False).round().clamp(0, 255).byte()
+        prob = common.predict_logits(model, x, flip=flip, size=(h, w)).softmax(1)
+        acc = acc + prob
+    return acc / len(scales)
+
+
+def pseudo_label(prob, conf_threshold=0.0):
+    """argmax of the averaged prediction; 255 where its confidence is below the threshold."""
+    conf, lab = prob.max(1)                                                # (1, H, W)
+    lab[conf < conf_threshold] = common.IGNORE
+    return lab[0].byte().cpu().numpy()
+
+
+def write_pseudo_labels(model, items, out_dir, device, scales, conf, rank, world):
+    done = 0
+    for p, _ in tqdm(items[rank::world], desc="teacher labels", disable=rank != 0):
+        out = out_dir / common.item_name(p)
+        if out.exists():  # written atomically: an existing file is complete
+            continue
+        img = torch.from_numpy(common.read_image(p).copy()).permute(2, 0, 1)[None].to(device)
+        common.save_png(out, pseudo_label(teacher_probs(model, img, scales), conf), palette=True)
+        done += 1
+    common.barrier()
+    return done
+
+
+def main(argv=None):
+    p = common.base_parser(__doc__, training=True)
+    p.set_defaults(batch_size=4, backbone=None)
+    g = p.add_argument_group("distillation (Sec. 4.3; ProDA)")
+    g.add_argument("--rounds", type=int, default=2, help="distillation rounds (official pipeline: 2)")
+    g.add_argument("--student-init", default="imagenet",
+                   help="student backbone: imagenet, none, or a torchvision-layout state dict "
+                        "(paper: SimCLRv2 ResNet-101; see the docstring)")
+    g.add_argument("--kd-weight", type=float, default=1.0,
+                   help="weight of the KL term (the paper is silent; 1.0)")
+    g.add_argument("--official-kl", action="store_true",
+                   help="use the official code's kl_div(softmax(s), softmax(t)) (not a KL; for "
+                        "exact comparison with the published numbers)")
+    g.add_argument("--alpha", type=float, default=0.1, help="alpha of Eq. (11)")
+    g.add_argument("--beta", type=float, default=1.0, help="beta of Eq. (11)")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="test-time scales for the teacher's pseudo labels (flip always)")
+    g.add_argument("--conf-threshold", type=float, default=0.0,
+                   help="ignore teacher pseudo labels below this confidence (0: keep all)")
+    g.add_argument("--no-stm", action="store_true", help="uniform source weights")
+    args = p.parse_args(argv)
+    rank, world = common.setup_distributed()
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed + rank)
+    stage = common.Stage(args, "06_distill")
+    st = stage.use("05_selftrain")
+    args.backbone = args.backbone or st["args"]["backbone"]
+    src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)
+    targets = common.target_train_items(args.data)
+    val = common.target_val_items(args.data)
+    resuming = stage.begin()
+
+    teacher_path = common.stage_dir(args.work, "05_selftrain") / "model.pt"
+    rounds = []
+    for r in range(1, args.rounds + 1):
+        rdir = stage.dir / f"round{r}"
+        # ============ 1. teacher pseudo labels ============
+        teacher, _ = common.model_from_checkpoint(teacher_path, device, "05_selftrain")
+        teacher.requires_grad_(False)
+        common.log0(f"round {r}/{args.rounds}: teacher {teacher_path}")
+        write_pseudo_labels(teacher, targets, rdir / "labels", device, args.scales,
+                            args.conf_threshold, rank, world)
+        if (rdir / "model.pt").exists() and resuming:
+            ck = common.load_checkpoint(rdir / "model.pt")
+            rounds.append(ck["summary"])
+            teacher_path = rdir / "model.pt"
+            common.log0(f"round {r} already finished: {ck['summary']['target_miou']:.1f} mIoU")
+            continue
+        tgt_ds = common.target_dataset(args, rdir / "labels", "06_distill")
+
+        # ============ 2. a fresh student ============
+        common.seed_everything(args.seed + 1000 * r + rank)
+        model = common.build_model(args.backbone, args.student_init).to(device)
+        ddp = common.wrap_ddp(model, device)
+        loaders = None
+
+        def step_loss(it):
+            nonlocal loaders
+            if loaders is None:
+                loaders = [common.infinite_loader(ds, args.batch_size, args.workers, args.seed + 7 * r + k,
+                                                  rank, world, start_epoch=args._start_iter)
+                           for k, ds in enumerate((src_ds, tgt_ds))]
+            s, t = next(loaders[0]), next(loaders[1])
+            xs, ys = common.normalize(s["image"].to(device)), s["label"].to(device)
+            ws = None if args.no_stm else s["stm"].to(device).float() / 255
+            loss_ce = common.weighted_ce(common.upsample(ddp(xs)[1], ys.shape[-2:]), ys, ws)  # Eq. (10)
+            xt, yt = common.normalize(t["image"].to(device)), t["label"].to(device)
+            lt = common.upsample(ddp(xt)[1], yt.shape[-2:])                      # (B, C, H, W)
+            with torch.no_grad():
+                lteach = common.upsample(teacher(xt)[1], yt.shape[-2:])
+            loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)       # Eq. (11)
+            loss_kd = distill_kl(lteach, lt, t["valid"].to(device), args.official_kl)
+            loss = loss_ce + loss_sce + args.kd_weight * loss_kd
+            return loss, {"loss": loss.item(), "ce": loss_ce.item(), "sce": loss_sce.item(),
+                          "kd": loss_kd.item()}
+
+        final, best, state = common.train_loop(args, rdir, model, step_loss, val,
+                                               resume=resuming)
+        summary = {"round": r, "teacher": str(teacher_path), "target_miou": final["miou"],
+                   "target": final, "best": best}
+        if rank == 0:
+            common.save_checkpoint(rdir / "model.pt", **state, summary=summary)
+        common.barrier()
+        rounds.append(summary)
+        common.log0(f"round {r}: target val mIoU {final['miou']:.1f}")
+        teacher_path = rdir / "model.pt"
+        resuming = False  # later rounds start fresh
+
+    if rank == 0:
+        with common.atomic_write(stage.dir / "model.pt") as tmp:
+            shutil.copyfile(teacher_path, tmp)
+        stage.finish({"target_miou": rounds[-1]["target_miou"],
+                      "rounds": [{k: v for k, v in x.items() if k != "target"} for x in rounds],
+                      "selftrain_target_miou": st["summary"]["target_miou"],
+                      "official_kl": args.official_kl, "student_init": args.student_init})
+        print("06_distill: target val mIoU per round: "
+              + ", ".join(f"round {x['round']} {x['target_miou']:.1f}" for x in rounds)
+              + f" (05: {st['summary']['target_miou']:.1f}) -> {stage.dir / 'model.pt'}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
