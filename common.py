@@ -75,6 +75,15 @@ CITYSCAPES_LUT = make_lut(CITYSCAPES_ID_TO_TRAIN)
 SYNTHIA_LUT = make_lut(SYNTHIA_ID_TO_TRAIN)
 
 
+def trainid_to_labelid(label):
+    """(H, W) trainIds -> Cityscapes labelIds (255 -> 0 'unlabeled'), the format the
+    official Cityscapes evaluator reads for predictions."""
+    lut = np.zeros(256, np.uint8)
+    for t, i in TRAIN_TO_CITYSCAPES_ID.items():
+        lut[t] = i
+    return lut[label]
+
+
 def colorize(label):
     """(H, W) trainIds -> (H, W, 3) uint8 with the Cityscapes palette, ignore black."""
     pal = np.zeros((256, 3), np.uint8)

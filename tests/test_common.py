@@ -1,0 +1,213 @@
+"""Foundation: label decodings on files in the real formats, class subsets, IoU (by hand
+and against the official Cityscapes evaluator), the model, strict loading, transforms."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+
+# ============ label decodings, on files written in the real formats ============
+def write_png16_rgb(path, rgb16):
+    """A minimal independent PNG encoder (16-bit RGB, no filter), so the SYNTHIA test does
+    not trust the library that reads the file."""
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+
+
+def test_synthia_16bit_label(tmp_path):
+    # R holds the SYNTHIA class id; G a large instance id that an 8-bit reader would mangle
+    ids = np.array([[3, 4, 2, 21], [5, 7, 15, 9], [6, 1, 10, 17], [8, 19, 12, 11], [0, 13, 14, 22]],
+                   np.uint16)
+    rgb = np.stack([ids, np.full_like(ids, 4242), np.full_like(ids, 300)], -1)
+    write_png16_rgb(tmp_path / "l.png", rgb)
+    raw = common.read_png16(tmp_path / "l.png")
+    assert raw.dtype == np.uint16 and (raw[..., 0] == ids).all() and (raw[..., 1] == 4242).all()
+    got = common.decode_label(tmp_path / "l.png", "synthia")
+    want = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 10, 11, 12], [13, 15, 17, 18],
+                     [255, 255, 255, 255]])
+    assert (got == want).all()
+
+
+def test_gta5_palette_label(tmp_path):
+    ids = np.array([[7, 8, 11, 12, 13, 17, 19, 20, 21, 22],
+                    [23, 24, 25, 26, 27, 28, 31, 32, 33, 0]], np.uint8)
+    im = Image.fromarray(ids).convert("P")
+    im.putpalette(list(np.random.default_rng(0).integers(0, 255, 768)))  # any palette
+    im.save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode == "P"
+    got = common.decode_label(tmp_path / "g.png", "gta5")
+    assert got[0].tolist() == list(range(10)) and got[1].tolist() == list(range(10, 19)) + [255]
+
+
+def test_cityscapes_label_and_trainid_round_trip(tmp_path):
+    lab = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 255]], np.uint8)
+    Image.fromarray(common.trainid_to_labelid(lab)).save(tmp_path / "c.png")
+    assert (common.decode_label(tmp_path / "c.png", "cityscapes") == lab).all()
+    # labelIds that are not train classes (e.g. 1 ego vehicle, 34 license plate) are ignored
+    Image.fromarray(np.array([[1, 34, 6, 9]], np.uint8)).save(tmp_path / "d.png")
+    assert (common.decode_label(tmp_path / "d.png", "cityscapes") == 255).all()
+
+
+def test_trainid_label_out_of_range(tmp_path):
+    Image.fromarray(np.array([[0, 19]], np.uint8)).save(tmp_path / "bad.png")
+    with pytest.raises(common.DataError, match="trainIds 0..18 or 255, found \\[19\\]"):
+        common.decode_label(tmp_path / "bad.png", "trainid")
+
+
+def test_corrupt_and_missing_image(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    with pytest.raises(common.DataError, match="x.png: cannot decode"):
+        common.read_image(tmp_path / "x.png")
+    with pytest.raises(common.DataError, match="not found"):
+        common.read_image(tmp_path / "nope.png")
+
+
+def test_class_subsets():
+    assert len(common.EVAL_CLASSES["19"]) == 19
+    s16 = [common.CLASSES[c] for c in common.EVAL_CLASSES["16"]]
+    s13 = [common.CLASSES[c] for c in common.EVAL_CLASSES["13"]]
+    assert len(s16) == 16 and not {"terrain", "truck", "train"} & set(s16)
+    assert len(s13) == 13 and not {"terrain", "truck", "train", "wall", "fence", "pole"} & set(s13)
+    # every SYNTHIA class maps into the 16-class set
+    assert set(common.SYNTHIA_ID_TO_TRAIN.values()) == set(common.EVAL_CLASSES["16"])
+
+
+def test_readers_skip_bad_pairs(toy_data, capsys):
+    items = common.gta5_items(toy_data)
+    names = [p.name for p, _ in items]
+    err = capsys.readouterr().err
+    # the toy GTA5 has, like the real one, a missing label and a size mismatch
+    assert "no label at" in err and "but label" in err
+    n_imgs = len(list((toy_data / "GTA5" / "images").glob("*.png")))
+    assert len(names) == n_imgs - 2
+    assert len(common.synthia_items(toy_data)) > 0
+    val = common.cityscapes_items(toy_data, "val")
+    assert all(l.name.endswith("_gtFine_labelIds.png") for _, l in val)
+    with pytest.raises(common.DataError, match="GTA5/images"):
+        common.gta5_items(toy_data / "nowhere")
+
+
+# ============ metrics ============
+def test_iou_hand_made_confusion():
+    # 3 classes; rows = ground truth, columns = prediction (+ a 'no class' column)
+    cm = np.array([[5, 1, 0, 0],
+                   [2, 3, 0, 1],
+                   [0, 0, 0, 0]])
+    iou = common.iou_per_class(cm)
+    assert iou[0] == pytest.approx(5 / (5 + 2 + 1))       # TP 5, FP 2, FN 1
+    assert iou[1] == pytest.approx(3 / (3 + 1 + 3))       # TP 3, FP 1, FN 3 (incl. 'no class')
+    assert np.isnan(iou[2])
+    assert common.miou(iou, (0, 1, 2)) == pytest.approx((5 / 8 + 3 / 7) / 2)
+
+
+def test_confusion_ignores_255_and_counts_unlabelled_predictions():
+    label = np.array([0, 0, 1, 255, 1])
+    pred = np.array([0, 1, 1, 0, 255])
+    cm = common.confusion(pred, label, 3)
+    assert cm.tolist() == [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]
+
+
+def test_iou_matches_official_cityscapes_evaluator(tmp_path):
+    ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    rng = np.random.default_rng(0)
+    preds, gts, cm = [], [], 0
+    for k in range(3):
+        gt = rng.integers(0, 20, (24, 40)).astype(np.uint8)
+        gt[gt == 19] = 255
+        pred = np.where(rng.random(gt.shape) < 0.6, gt, rng.integers(0, 19, gt.shape)).astype(np.uint8)
+        pred[pred == 255] = 3
+        gp, pp = tmp_path / f"c_000000_00000{k}_gtFine_labelIds.png", tmp_path / f"p{k}.png"
+        Image.fromarray(common.trainid_to_labelid(gt)).save(gp)
+        Image.fromarray(common.trainid_to_labelid(pred)).save(pp)
+        gts.append(str(gp)); preds.append(str(pp))
+        cm = cm + common.confusion(pred, common.decode_label(gp, "cityscapes"))
+    ev.args.quiet = True
+    ev.args.evalInstLevelScore = False
+    ev.args.JSONOutput = False
+    ev.args.exportFile = str(tmp_path / "res.json")
+    res = ev.evaluateImgLists(preds, gts, ev.args)
+    from cityscapesscripts.helpers.labels import trainId2label
+    ours = common.iou_per_class(cm)
+    for t in range(19):
+        assert ours[t] == pytest.approx(res["classScores"][trainId2label[t].name], abs=1e-12)
+    assert 100 * common.miou(ours, common.EVAL_CLASSES["19"]) == pytest.approx(
+        100 * res["averageScoreClasses"], abs=1e-9)
+
+
+def test_iou_table_layout():
+    cm = np.zeros((19, 20), np.int64)
+    cm[np.arange(19), np.arange(19)] = 1
+    t = common.iou_table(cm, "synthia", "title")
+    lines = t.splitlines()
+    assert lines[0] == "title" and "mIoU16" in lines[1] and "mIoU13" in lines[1]
+    assert "terr." not in lines[1] and lines[2].split()[-1] == "100.0"
+
+
+# ============ model and weights ============
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_model_shapes_and_output_stride(backbone):
+    m = common.build_model(backbone).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feat, logits = m(x)
+        b = m.backbone
+        high = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+    assert feat.shape == (1, 256, 16, 24) and logits.shape == (1, 19, 16, 24)
+    assert high.shape[-2:] == (4, 6)  # output stride 16
+
+
+def test_strict_weight_loading(tmp_path):
+    m = common.build_model("resnet18")
+    sd = {k: v for k, v in m.backbone.state_dict().items()}
+    sd["fc.weight"] = torch.zeros(1000, 512)
+    sd["fc.bias"] = torch.zeros(1000)
+    torch.save(sd, tmp_path / "ok.pth")
+    net = common.build_resnet("resnet18", str(tmp_path / "ok.pth"))
+    assert torch.equal(net.conv1.weight, m.backbone.conv1.weight)
+    del sd["layer1.0.conv1.weight"]
+    sd["head.extra"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(KeyError) as e:
+        common.build_resnet("resnet18", str(tmp_path / "bad.pth"))
+    assert "layer1.0.conv1.weight" in str(e.value) and "head.extra" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        common.build_resnet("resnet18", str(tmp_path / "missing.pth"))
+
+
+# ============ transforms ============
+def test_joint_transform_keeps_maps_aligned():
+    torch.manual_seed(0)
+    h, w = 40, 60
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    code = (ys * w + xs)                                  # a unique value per pixel
+    img = torch.stack([code % 256, code // 256, torch.zeros_like(code)]).byte()
+    lab, stm = (code % 256).byte(), (code // 256).byte()
+    for _ in range(10):
+        out, (l2, s2) = common.joint_transform(img, [lab, stm], crop=(32, 24), scale=(1.0, 1.0),
+                                               flip=True, jitter=0.0)
+        assert out.shape == (3, 24, 32) and l2.shape == (24, 32)
+        assert torch.equal(out[0], l2) and torch.equal(out[1], s2)
+
+
+def test_joint_transform_pads_with_ignore():
+    img = torch.full((3, 10, 10), 7, dtype=torch.uint8)
+    lab = torch.zeros(10, 10, dtype=torch.uint8)
+    out, (l2,) = common.joint_transform(img, [lab], crop=(16, 12), scale=(1.0, 1.0), flip=False)
+    assert out.shape == (3, 12, 16) and (l2 == 255).sum() == 16 * 12 - 100
+
+
+def test_poly_lr():
+    assert common.poly_lr(1.0, 0, 100) == 1.0
+    assert common.poly_lr(1.0, 50, 100, 0.9) == pytest.approx(0.5 ** 0.9)
+    assert common.poly_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1)
