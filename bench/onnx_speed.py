@@ -12,7 +12,9 @@ onnxruntime session: graph optimisation ORT_ENABLE_ALL, intra-op threads = cores
 the convolutions in eval mode, so the ONNX graph has no BatchNormalization nodes;
 PyTorch eager runs Conv + BatchNorm as trained. --ort-default also times a session
 with onnxruntime's default options. When CUDA really works (torch and/or onnxruntime),
-the CUDA engines are timed too.
+the CUDA engines are timed too. The max|dp| column is a sanity check of the outputs;
+random resnet101 weights give logits of ~1e3 (untrained BatchNorm statistics), so
+float32 rounding shows up as ~1e-3 at near-tie pixels there (a random resnet18: ~1e-8).
 
     python bench/onnx_speed.py                          # resnet101, 1024x512 and 1914x1052
     python bench/onnx_speed.py --backbone resnet18 --repeats 2
