@@ -24,8 +24,9 @@ Writes: work/04_stm/
           class_entropy_norm.npy  (19,) e'_c of Eq. (8); 1 for an absent class
           class_entropy_pixels.npy (19,) target pixels behind each e_c
           distance/<stem>.npy     D of Eq. (7), float32 (h, w) at encoder resolution
-          stm/<stem>.png          w of Eq. (9) as 8-bit round(255 w), the label's size
-          previews/<stem>.png     image | label | distance term | STM, for a person to look at
+          stm/<source image name> w of Eq. (9) as an 8-bit PNG of round(255 w), the label's
+                                  size (05 reads it through common.source_dataset)
+          previews/<name>         image | label | distance term | STM, for a person to look at
           manifest.json           J, d_mean, entropies, mean w per class, encoder, timings
 
 Real data (one GPU; ImageNet weights are downloaded by torchvision on first use):
@@ -170,9 +171,11 @@ def read_stm(path):
     return arr.astype(np.float32) / 255.0
 
 
-def stm_path(work, image_path):
-    """Where the STM of a source image lies: work/04_stm/stm/<image stem>.png."""
-    return common.stage_dir(work, "04_stm") / "stm" / (Path(image_path).stem + ".png")
+def stm_files(stage_dir):
+    """source image path -> (its distance map, its STM) inside work/04_stm: distance/<stem>.npy
+    and stm/<image file name> (the name 05 looks for, common.source_dataset)."""
+    return (common.InFolder(Path(stage_dir) / "distance", ".npy"),
+            common.InFolder(Path(stage_dir) / "stm"))
 
 
 # ============================================================================
@@ -260,17 +263,26 @@ def all_reduce_sum(array, device):
 # ============================================================================
 # Step 1: target prototypes (K-means on E-hat features of the target images)
 # ============================================================================
-def sample_target_features(encoder, paths, samples_total, n_images, args, device, rng, dim):
-    """A uniform sample across the images: ceil(samples / n_images) random positions of
-    each image (fewer if it has fewer), so memory stays at about --samples vectors."""
-    quota = math.ceil(samples_total / max(1, n_images))
-    parts = []
-    for img, _ in tqdm(image_loader(paths, args.workers), total=len(paths), desc="target features",
+def sample_quotas(total, n_images):
+    """Feature vectors to draw from each image so that the sample spreads uniformly over
+    the images and holds at most `total`: total // n each, one more for the first total % n."""
+    base, rem = divmod(total, n_images)
+    return [base + (k < rem) for k in range(n_images)]
+
+
+def sample_target_features(encoder, paths, quotas, args, device, rng, dim):
+    """quotas[k] random E-hat feature vectors of image k (all of them if it has fewer),
+    written into one preallocated (sum(quotas), d) float32 array: no second copy."""
+    X = np.empty((sum(quotas), dim), np.float32)
+    n = 0
+    for img, k in tqdm(image_loader(paths, args.workers), total=len(paths), desc="target features",
                        disable=common.get_rank() != 0):
         f, _ = encode(encoder, img.to(device), args.encoder_scale, args.amp)  # (h*w, d)
-        keep = rng.choice(len(f), size=min(quota, len(f)), replace=False)
-        parts.append(f[torch.as_tensor(np.sort(keep), device=f.device)].cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+        m = min(quotas[k], len(f))
+        keep = np.sort(rng.choice(len(f), size=m, replace=False))
+        X[n:n + m] = f[torch.as_tensor(keep, device=f.device)].cpu().numpy()
+        n += m
+    return X[:n]
 
 
 def target_prototypes(X, J, seed, algorithm="minibatch", batch_size=4096):
@@ -295,20 +307,26 @@ def prototypes_step(args, stage, encoder, targets, device, timings):
     if not (out.exists() and info_path.exists()):
         t0 = time.time()
         rng = np.random.default_rng([args.seed, rank])
-        X = sample_target_features(encoder, [p for p, _ in targets[rank::world]], args.samples,
-                                   len(targets), args, device, rng, ENCODERS[args.encoder])
+        quotas = sample_quotas(args.samples, len(targets))[rank::world]
+        X = sample_target_features(encoder, [p for p, _ in targets[rank::world]], quotas,
+                                   args, device, rng, ENCODERS[args.encoder])
         if world > 1:  # ranks hand their samples to rank 0 through files (variable sizes)
             common.save_npy(stage.dir / f"kmeans_sample.rank{rank}.npy", X)
+            del X
             common.barrier()
             if rank == 0:
-                parts = [stage.dir / f"kmeans_sample.rank{r}.npy" for r in range(world)]
-                X = np.concatenate([np.load(p) for p in parts])
-                for p in parts:
-                    p.unlink()
+                parts = [np.load(stage.dir / f"kmeans_sample.rank{r}.npy", mmap_mode="r")
+                         for r in range(world)]
+                X = np.empty((sum(len(q) for q in parts), parts[0].shape[1]), np.float32)
+                n = 0
+                for q in parts:
+                    X[n:n + len(q)] = q
+                    n += len(q)
+                del parts
+                for r in range(world):
+                    (stage.dir / f"kmeans_sample.rank{r}.npy").unlink()
         timings["target_features_s"] = round(time.time() - t0, 1)
         if rank == 0:
-            if len(X) > args.samples:  # the per-image quota rounds up: trim to --samples
-                X = X[np.random.default_rng(args.seed).choice(len(X), args.samples, replace=False)]
             t0 = time.time()
             common.log0(f"K-means ({args.kmeans}): J = {args.clusters} on {len(X):,} x {X.shape[1]} "
                         f"target feature vectors ...")
@@ -389,11 +407,10 @@ def distance_step(args, stage, encoder, A, items, image_for, device):
     the float64 sum of D over all positions of all source images / their number (summed
     from the saved maps, so a resumed run gets the same figure)."""
     rank, world = common.get_rank(), common.get_world()
-    ddir = stage.dir / "distance"
-    ddir.mkdir(parents=True, exist_ok=True)
     A_t = torch.from_numpy(A).to(device)                                 # (J, d)
     mine = [p for p, _ in items[rank::world]]
-    path = [ddir / (Path(p).stem + ".npy") for p in mine]
+    dist_for = stm_files(stage.dir)[0]
+    path = [dist_for(p) for p in mine]
     sums, counts = np.zeros(len(mine)), np.zeros(len(mine))   # per image, summed in order
     todo = []
     for k, f in enumerate(path):
@@ -420,7 +437,7 @@ def distance_step(args, stage, encoder, A, items, image_for, device):
 # Step 4: Eq. (9) transferability maps (pass 2 over the source, CPU workers)
 # ============================================================================
 class STMWriter(torch.utils.data.Dataset):
-    """Item k: write stm/<stem>.png for source image k (unless it exists) and return
+    """Item k: write stm/<image name> for source image k (unless it exists) and return
     per-label-value sums of w and of the distance term, and the pixel counts (256,)."""
 
     def __init__(self, items, stage_dir, kind, e_norm, d_mean):
@@ -432,10 +449,10 @@ class STMWriter(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         img_p, lab_p = self.items[k]
-        stem = Path(img_p).stem
+        dist_for, stm_for = stm_files(self.dir)
         lab = common.decode_label(lab_p, self.kind)                               # (H, W)
-        D = upsample_nearest(np.load(self.dir / "distance" / f"{stem}.npy"), lab.shape)  # (H, W)
-        out = self.dir / "stm" / f"{stem}.png"
+        D = upsample_nearest(np.load(dist_for(img_p)), lab.shape)                # (H, W)
+        out = stm_for(img_p)
         if out.exists():  # atomic files: existing == complete
             with Image.open(out) as im:
                 w8 = np.asarray(im)
@@ -453,7 +470,6 @@ class STMWriter(torch.utils.data.Dataset):
 
 def stm_step(args, stage, items, e_norm, d_mean, device):
     rank, world = common.get_rank(), common.get_world()
-    (stage.dir / "stm").mkdir(parents=True, exist_ok=True)
     mine = items[rank::world]
     ds = STMWriter(mine, stage.dir, common.label_kind(args.source), e_norm, d_mean)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
@@ -481,14 +497,14 @@ def write_previews(args, stage, items, image_for, d_mean, n):
     import cv2
     kind = common.label_kind(args.source)
     for img_p, lab_p in items[:n]:
-        stem = Path(img_p).stem
+        dist_for, stm_for = stm_files(stage.dir)
         img = common.read_image(image_for(img_p) if image_for else img_p)
         lab = common.decode_label(lab_p, kind)
-        D = upsample_nearest(np.load(stage.dir / "distance" / f"{stem}.npy"), lab.shape)
-        w = read_stm(stage.dir / "stm" / f"{stem}.png")
+        D = upsample_nearest(np.load(dist_for(img_p)), lab.shape)
+        w = read_stm(stm_for(img_p))
         panels = [("source image", img), ("label", common.overlay(img, lab)),
-                  ("distance term exp(-D^2/d_mean^2 log2)", heat(distance_term(D, d_mean), img)),
-                  ("STM w (Eq. 9)", heat(w, img))]
+                  ("distance term (dark 0, yellow 1)", heat(distance_term(D, d_mean), img)),
+                  ("STM w, Eq. (9) (dark 0, yellow 1)", heat(w, img))]
         tiles = []
         for title, p in panels:
             s = min(1.0, 800 / p.shape[1])
@@ -501,7 +517,7 @@ def write_previews(args, stage, items, image_for, d_mean, n):
             cv2.putText(p, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
             tiles.append(p)
         grid = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
-        common.save_png(stage.dir / "previews" / f"{stem}.png", grid)
+        common.save_png(stage.dir / "previews" / common.item_name(img_p), grid)
 
 
 # ============================================================================

@@ -149,6 +149,12 @@ def test_encoder_shapes_and_strict_loading(tmp_path):
         M.build_encoder("resnet18", str(tmp_path / "bad.pth"))
 
 
+def test_sample_quotas_spread_uniformly_and_never_exceed():
+    assert M.sample_quotas(10, 4) == [3, 3, 2, 2]
+    assert M.sample_quotas(1_000_000, 2975)[:2] == [337, 337] and sum(M.sample_quotas(1_000_000, 2975)) == 1_000_000
+    assert M.sample_quotas(2, 3) == [1, 1, 0]
+
+
 def test_kmeans_finds_separated_clusters():
     rng = np.random.default_rng(0)
     centres = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0]], np.float32)
@@ -214,7 +220,7 @@ def test_stage_outputs(stm_work, toy_data):
     w_sum, n_sum = np.zeros(256), np.zeros(256)
     for (p, lab_p), D in zip(items, maps):
         lab = common.decode_label(lab_p, "gta5")
-        w8 = np.asarray(Image.open(d / "stm" / f"{p.stem}.png"))
+        w8 = np.asarray(Image.open(d / "stm" / p.name))        # the name 05 reads
         assert w8.shape == lab.shape and w8.dtype == np.uint8
         want = M.transferability_map(M.upsample_nearest(D, lab.shape), lab, en, s["d_mean"])
         assert np.abs(w8 / 255.0 - want).max() <= 0.5 / 255 + 1e-6
