@@ -187,28 +187,22 @@ def build_encoder(name="resnet152", weights="imagenet", stride=32):
 
     weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded on first use), 'none'
     (random init), or a path to a torchvision-layout state dict, loaded strictly (a
-    missing `fc.` is fine). stride 16 dilates layer4 instead of striding it."""
+    missing `fc.` is fine). stride 16 dilates layer4 instead of striding it (resnet50/152:
+    torchvision's BasicBlock of resnet18 has no dilation)."""
     import torchvision
     if name not in ENCODERS:
         raise ValueError(f"--encoder must be one of {list(ENCODERS)}, got {name!r}")
-    if stride not in (16, 32):
-        raise ValueError(f"--encoder-stride must be 16 or 32, got {stride}")
+    if stride not in (16, 32) or (stride == 16 and name == "resnet18"):
+        raise ValueError(f"--encoder-stride {stride} with {name}: use 32, or 16 with resnet50/152")
     ctor = getattr(torchvision.models, name)
     tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if weights == "imagenet" else None
-    kw = {"replace_stride_with_dilation": [False, False, True]} if stride == 16 and name != "resnet18" else {}
+    kw = {"replace_stride_with_dilation": [False, False, True]} if stride == 16 else {}
     try:
         net = ctor(weights=tv_weights, **kw)
     except Exception as e:  # no network, or a broken cache
         raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} "
                            f"({type(e).__name__}: {e}). On an offline machine pass "
                            f"--encoder-weights PATH (a torchvision-layout state dict) or none.") from None
-    if stride == 16 and name == "resnet18":  # BasicBlock refuses dilation: set it by hand
-        blk = net.layer4[0]
-        blk.conv1.stride = blk.downsample[0].stride = (1, 1)
-        for b in net.layer4:
-            for conv in (b.conv1, b.conv2):
-                if conv is not blk.conv1:
-                    conv.dilation, conv.padding = (2, 2), (2, 2)
     if weights not in ("imagenet", "none"):
         common.load_state_strict(net, weights, what=f"--encoder-weights {weights}",
                                  optional_prefixes=("fc.",))
@@ -270,6 +264,13 @@ def sample_quotas(total, n_images):
     return [base + (k < rem) for k in range(n_images)]
 
 
+def feature_positions(size, scale=1.0, stride=32):
+    """Positions of E-hat's feature map for an image of size (W, H): every stride-2 layer of
+    a ResNet maps n to ceil(n / 2), so it is ceil(floor(H scale) / stride) x the same for W."""
+    w, h = (math.floor(v * scale) for v in size)
+    return math.ceil(h / stride) * math.ceil(w / stride)
+
+
 def sample_target_features(encoder, paths, quotas, args, device, rng, dim):
     """quotas[k] random E-hat feature vectors of image k (all of them if it has fewer),
     written into one preallocated (sum(quotas), d) float32 array: no second copy."""
@@ -307,9 +308,10 @@ def prototypes_step(args, stage, encoder, targets, device, timings):
     if not (out.exists() and info_path.exists()):
         t0 = time.time()
         rng = np.random.default_rng([args.seed, rank])
-        quotas = sample_quotas(args.samples, len(targets))[rank::world]
-        X = sample_target_features(encoder, [p for p, _ in targets[rank::world]], quotas,
-                                   args, device, rng, ENCODERS[args.encoder])
+        paths = [p for p, _ in targets[rank::world]]
+        quotas = [min(q, feature_positions(common.image_size(p), args.encoder_scale, args.encoder_stride))
+                  for q, p in zip(sample_quotas(args.samples, len(targets))[rank::world], paths)]
+        X = sample_target_features(encoder, paths, quotas, args, device, rng, ENCODERS[args.encoder])
         if world > 1:  # ranks hand their samples to rank 0 through files (variable sizes)
             common.save_npy(stage.dir / f"kmeans_sample.rank{rank}.npy", X)
             del X
@@ -538,11 +540,32 @@ def stm_table(s):
     def f(v, fmt):
         return format(v, fmt) if v is not None else "-".rjust(len(format(0.0, fmt)))
     lines = [f"{'class':>11} {'e_c':>7} {'e_c norm':>8} {'dist term':>9} {'mean w':>7} {'src pixels':>11}"]
-    for name in common.CLASSES:
-        lines.append(f"{name:>11} {f(s['class_entropy'][name], '7.4f')} {f(s['class_entropy_norm'][name], '8.3f')} "
-                     f"{f(s['distance_term_mean_per_class'][name], '9.3f')} {f(s['stm_mean_per_class'][name], '7.3f')} "
-                     f"{int(s['source_pixels_per_class'][name]):11d}")
+    for k in common.CLASSES:
+        lines.append(f"{k:>11} {f(s['class_entropy'][k], '7.4f')} {f(s['class_entropy_norm'][k], '8.3f')} "
+                     f"{f(s['distance_term_mean_per_class'][k], '9.3f')} "
+                     f"{f(s['stm_mean_per_class'][k], '7.3f')} {int(s['source_pixels_per_class'][k]):11d}")
     return "\n".join(lines)
+
+
+def pseudo_labels_dir(args, stage):
+    """03's pseudo-label folder when Eq. (8) groups pixels by it, else None (warm-up argmax).
+    auto: 03 when it has finished; a 03 made from another warm-up run or source is an error."""
+    if args.entropy_labels == "argmax":
+        return None
+    try:
+        m3 = stage.use("03_maps")
+    except common.StageError as e:
+        if args.entropy_labels == "maps":
+            raise
+        common.log0(f"note: {e}; Eq. (8) groups the target pixels by the warm-up argmax "
+                    f"instead of the MAPs pseudo labels")
+        return None
+    if m3["args"]["source"] != args.source:
+        raise common.StageError(f"{common.stage_dir(args.work, '03_maps')} holds pseudo labels of a "
+                                f"{m3['args']['source']} model but --source is {args.source}: run "
+                                f"03_maps.py --source {args.source}, or pass --entropy-labels argmax")
+    common.check_made_from(stage, "03_maps", "02_warmup")
+    return common.stage_dir(args.work, "03_maps") / "labels"
 
 
 def loud_warning(msg):
@@ -562,8 +585,8 @@ def main(argv=None):
                         "(random init: toy runs only, NOT the paper's setting), or a path to a "
                         "torchvision-layout state dict (the paper: SimCLRv2 ResNet-152, Sec. 4.2)")
     g.add_argument("--encoder-stride", type=int, default=32, choices=[32, 16],
-                   help="output stride of E-hat: 32 (plain ResNet) or 16 (layer4 dilated: 4x the "
-                        "positions, finer STM)")
+                   help="output stride of E-hat: 32 (plain ResNet) or 16 (layer4 dilated, "
+                        "resnet50/152: 4x the positions, a finer STM, 4x the distance maps)")
     g.add_argument("--encoder-scale", type=float, default=1.0,
                    help="resize images by this factor before E-hat (<1 saves time on the real "
                         "data; >1 gives the tiny toy images more than a few feature positions)")
@@ -598,19 +621,8 @@ def main(argv=None):
     if warm["args"]["source"] != args.source:
         raise common.StageError(f"{common.stage_dir(args.work, '02_warmup')} was trained on "
                                 f"{warm['args']['source']} but --source is {args.source}")
-    labels_dir, entropy_labels = None, "02_warmup argmax"
-    if args.entropy_labels != "argmax":
-        try:
-            m3 = stage.use("03_maps")
-            if m3["args"]["source"] != args.source:
-                raise common.StageError(f"{common.stage_dir(args.work, '03_maps')} holds pseudo labels "
-                                        f"from a {m3['args']['source']} model but --source is {args.source}")
-            labels_dir, entropy_labels = common.stage_dir(args.work, "03_maps") / "labels", "03_maps pseudo labels"
-        except common.StageError as e:
-            if args.entropy_labels == "maps":
-                raise
-            common.log0(f"note: 03_maps not usable ({e}); Eq. (8) groups target pixels by the "
-                        f"warm-up argmax instead of the MAPs pseudo labels")
+    labels_dir = pseudo_labels_dir(args, stage)
+    entropy_labels = "02_warmup argmax" if labels_dir is None else "03_maps pseudo labels"
     targets = common.target_train_items(args.data)
     classes = common.EVAL_CLASSES[common.SOURCE_EVAL_SETS[args.source][0]]
     resuming = stage.begin()

@@ -133,10 +133,15 @@ def test_encoder_shapes_and_strict_loading(tmp_path):
     enc = M.build_encoder("resnet18", "none")
     f, hw = M.encode(enc, x)
     assert f.shape == (2 * 3, 512) and hw == (2, 3)          # stride 32
-    f16, hw16 = M.encode(M.build_encoder("resnet18", "none", stride=16), x)
-    assert f16.shape == (4 * 6, 512) and hw16 == (4, 6)      # stride 16 (dilated layer4)
+    f16, hw16 = M.encode(M.build_encoder("resnet50", "none", stride=16), x)
+    assert f16.shape == (4 * 6, 2048) and hw16 == (4, 6)     # stride 16 (dilated layer4)
+    with pytest.raises(ValueError, match="resnet50/152"):
+        M.build_encoder("resnet18", "none", stride=16)
     _, hw2 = M.encode(enc, x, scale=2.0)
     assert hw2 == (4, 6)                                     # --encoder-scale
+    for (W, H), scale in [((100, 70), 1.0), ((100, 70), 0.7), ((96, 64), 2.0)]:
+        _, hw = M.encode(enc, torch.zeros(3, H, W, dtype=torch.uint8), scale=scale)
+        assert M.feature_positions((W, H), scale, 32) == hw[0] * hw[1]
     import torchvision
     state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
              if not k.startswith("fc.")}                    # a headless backbone is fine
@@ -151,7 +156,8 @@ def test_encoder_shapes_and_strict_loading(tmp_path):
 
 def test_sample_quotas_spread_uniformly_and_never_exceed():
     assert M.sample_quotas(10, 4) == [3, 3, 2, 2]
-    assert M.sample_quotas(1_000_000, 2975)[:2] == [337, 337] and sum(M.sample_quotas(1_000_000, 2975)) == 1_000_000
+    q = M.sample_quotas(1_000_000, 2975)                    # Cityscapes train
+    assert q[:2] == [337, 337] and q[-1] == 336 and sum(q) == 1_000_000
     assert M.sample_quotas(2, 3) == [1, 1, 0]
 
 
@@ -169,7 +175,7 @@ def test_kmeans_finds_separated_clusters():
 
 
 # ============ the stage end to end on the toy data ============
-STM_ARGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--encoder-stride", "16",
+STM_ARGS = ["--encoder", "resnet18", "--encoder-weights", "none", "--encoder-scale", "2",
             "--clusters", "6", "--samples", "400", "--workers", "0", "--previews", "2"]
 
 
@@ -264,9 +270,14 @@ def test_entropy_grouped_by_03_pseudo_labels(warmup_work, toy_data, tmp_path):
         lab = np.full((h, w), 255, np.uint8)
         lab[:8] = ROAD
         common.save_png(work / "03_maps" / "labels" / common.item_name(p), lab)
-    common.save_json(work / "03_maps" / "manifest.json",
-                     {"stage": "03_maps", "complete": True, "run_id": "hand-made",
-                      "args": {"source": "gta5"}})
+    warm = common.read_manifest(work, "02_warmup")
+    manifest = {"stage": "03_maps", "complete": True, "run_id": "hand-made",
+                "args": {"source": "gta5"}, "upstream": {"02_warmup": "another warm-up run"}}
+    common.save_json(work / "03_maps" / "manifest.json", manifest)
+    with pytest.raises(common.StageError, match="stale"):      # 03 made from another 02 run
+        run_stage("04_stm", "--data", toy_data, "--work", work, *STM_ARGS)
+    manifest["upstream"]["02_warmup"] = warm["run_id"]
+    common.save_json(work / "03_maps" / "manifest.json", manifest)
     m, msgs = run_stm(toy_data, work)
     s = m["summary"]
     assert any("same entropy" in w for w in msgs)
