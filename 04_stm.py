@@ -225,23 +225,10 @@ def encode(encoder, img_u8, scale=1.0, amp=True):
     return f[0].flatten(1).T, tuple(f.shape[-2:])                      # (h*w, d)
 
 
-class ImageList(torch.utils.data.Dataset):
-    """Decodes images in loader workers: (3, H, W) uint8 tensor and the index."""
-
-    def __init__(self, paths):
-        self.paths = list(paths)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        img = common.read_image(self.paths[i])
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1), i   # a writable copy
-
-
 def image_loader(paths, workers):
-    return torch.utils.data.DataLoader(ImageList(paths), batch_size=None, shuffle=False,
-                                       num_workers=workers)
+    """Images decoded in loader workers, in order: {"image": (3, H, W) uint8, "index": k}."""
+    ds = common.SegDataset([(p, None) for p in paths], "trainid", crop=None, scale=None, flip=False)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
 
 
 def all_reduce_sum(array, device):
@@ -276,9 +263,10 @@ def sample_target_features(encoder, paths, quotas, args, device, rng, dim):
     written into one preallocated (sum(quotas), d) float32 array: no second copy."""
     X = np.empty((sum(quotas), dim), np.float32)
     n = 0
-    for img, k in tqdm(image_loader(paths, args.workers), total=len(paths), desc="target features",
-                       disable=common.get_rank() != 0):
-        f, _ = encode(encoder, img.to(device), args.encoder_scale, args.amp)  # (h*w, d)
+    for b in tqdm(image_loader(paths, args.workers), total=len(paths), desc="target features",
+                  disable=common.get_rank() != 0):
+        f, _ = encode(encoder, b["image"].to(device), args.encoder_scale, args.amp)  # (h*w, d)
+        k = b["index"]
         m = min(quotas[k], len(f))
         keep = np.sort(rng.choice(len(f), size=m, replace=False))
         X[n:n + m] = f[torch.as_tensor(keep, device=f.device)].cpu().numpy()
@@ -371,15 +359,15 @@ def entropy_step(args, stage, targets, labels_dir, device, classes, timings):
         sums = torch.zeros(C, dtype=torch.float64, device=device)
         counts = torch.zeros(C, dtype=torch.float64, device=device)
         mine = targets[rank::world]
-        for img, i in tqdm(image_loader([p for p, _ in mine], args.workers), total=len(mine),
-                           desc="class entropy", disable=rank != 0):
+        for b in tqdm(image_loader([p for p, _ in mine], args.workers), total=len(mine),
+                      desc="class entropy", disable=rank != 0):
             with torch.no_grad(), common.autocast(device, args.amp):
-                logits = common.predict_logits(model, img[None].to(device))  # (1, C, H, W)
+                logits = common.predict_logits(model, b["image"][None].to(device))  # (1, C, H, W)
             ent = normalized_entropy(logits)[0]                                # (H, W)
             if labels_dir is None:
                 lab = logits.argmax(1)[0]                                      # (H, W)
             else:
-                p = labels_dir / common.item_name(mine[i][0])
+                p = labels_dir / common.item_name(mine[b["index"]][0])
                 lab_np = common.decode_label(common.need(p, "03_maps", "a MAPs pseudo label"), "trainid")
                 if lab_np.shape != tuple(ent.shape):
                     raise common.DataError(f"{p}: pseudo label is {lab_np.shape[1]}x{lab_np.shape[0]} "
@@ -422,11 +410,11 @@ def distance_step(args, stage, encoder, A, items, image_for, device):
         else:
             todo.append(k)
     srcs = [image_for(mine[k]) if image_for else mine[k] for k in todo]
-    for img, i in tqdm(image_loader(srcs, args.workers), total=len(todo), desc="Eq. (7) distances",
-                       disable=rank != 0):
-        f, (h, w) = encode(encoder, img.to(device), args.encoder_scale, args.amp)   # (h*w, d)
+    for b in tqdm(image_loader(srcs, args.workers), total=len(todo), desc="Eq. (7) distances",
+                  disable=rank != 0):
+        f, (h, w) = encode(encoder, b["image"].to(device), args.encoder_scale, args.amp)  # (h*w, d)
         D = nearest_prototype_distance(f, A_t).view(h, w).cpu().numpy()            # (h, w)  Eq. (7)
-        k = todo[i]
+        k = todo[b["index"]]
         common.save_npy(path[k], D)
         sums[k], counts[k] = D.sum(dtype=np.float64), D.size
     total, count = all_reduce_sum([sums.sum(), counts.sum()], device)
