@@ -27,12 +27,16 @@ Commands:
     python 03_maps.py --data data --work work
     python 03_maps.py --data data --work work --source synthia          # delta = -50
     torchrun --nproc_per_node 4 03_maps.py --data data --work work      # images sharded over GPUs
-    # the Table 3 baselines, at the same pseudo-label ratio as MAPs
-    python 03_maps.py --data data --work work_cas --pla centroid --target-ratio 0.44
+    # the Table 3 baselines at the same pseudo-label ratio as MAPs; they write the same
+    # work/03_maps/ files (replacing MAPs'), so copy the work folder to keep both
+    cp -r work work_cas && python 03_maps.py --data data --work work_cas --pla centroid --target-ratio 0.44
     # toy data (delta depends on the feature scale: pick it by the pseudo-label ratio)
     python toy_data.py --data toy && python 01_stylize.py --data toy --work toywork
-    python 02_warmup.py --data toy --work toywork --backbone resnet18 --iters 400 --crop 128 64
-    python 03_maps.py --data toy --work toywork --target-ratio 0.6 --workers 0
+    python 02_warmup.py --data toy --work toywork --backbone resnet18 --weights none --iters 300 \
+        --batch-size 4 --crop 128 64 --eval-every 300 --workers 0
+    python 03_maps.py --data toy --work toywork --target-ratio 0.5 --workers 0
+    cp -r toywork toywork_cas
+    python 03_maps.py --data toy --work toywork_cas --pla centroid --target-ratio 0.5 --workers 0
 """
 import argparse
 import json
@@ -188,11 +192,13 @@ class GMM:
     n_iter: int
     converged: bool
     init: tuple                # (weights, means, variances) the EM started from
+    init_seconds: float = 0.0  # time spent in k-means++ / Lloyd (0 when init was given)
 
 
 def _sq_dist(x, x2, centers):
     """Squared distances (n, k) via ||x||^2 - 2 x.c + ||c||^2 (clamped at 0)."""
-    return (x2[:, None] - 2 * x @ centers.T + (centers * centers).sum(1)[None]).clamp_min_(0)
+    c2 = (centers * centers).sum(1)                                   # (k,)
+    return torch.addmm(x2[:, None] + c2[None], x, centers.T, alpha=-2).clamp_min_(0)
 
 
 def kmeans_pp(x, k, gen, chunk=1 << 17):
@@ -221,16 +227,22 @@ def kmeans_pp(x, k, gen, chunk=1 << 17):
     return centers
 
 
-def kmeans(x, k, gen, max_iter=300, tol=1e-4, chunk=1 << 17):
+def nearest(x, x2, centers, chunk=1 << 17):
+    """(labels (n,), squared distance to the nearest centre (n,)), in chunks."""
+    out = [_sq_dist(x[i:i + chunk], x2[i:i + chunk], centers).min(1) for i in range(0, len(x), chunk)]
+    return torch.cat([o.indices for o in out]), torch.cat([o.values for o in out])
+
+
+def kmeans(x, k, gen, max_iter=100, tol=1e-4, chunk=1 << 17):
     """Lloyd's k-means from k-means++ seeds; stops when the centres move less than
-    tol * mean feature variance (scikit-learn's rule). Returns labels (n,)."""
+    tol * mean feature variance (scikit-learn's rule). Returns (centres (k, D), inertia)."""
     n, d = x.shape
     x2 = (x * x).sum(1)
     centers = kmeans_pp(x, k, gen, chunk)
-    tol = tol * x.var(0).mean().item()
+    mean = (x.new_ones(n) @ x) / n                                    # (D,) (a product: column sums are slow)
+    tol = tol * (x2.mean() - (mean * mean).sum()).item() / d          # tol * mean feature variance
     for _ in range(max_iter):
-        labels = torch.cat([_sq_dist(x[i:i + chunk], x2[i:i + chunk], centers).argmin(1)
-                            for i in range(0, n, chunk)])             # (n,)
+        labels, dist = nearest(x, x2, centers, chunk)                 # (n,), (n,)
         sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
         for i in range(0, n, chunk):
             onehot = F.one_hot(labels[i:i + chunk], k).to(x.dtype)    # (m, k)
@@ -239,14 +251,27 @@ def kmeans(x, k, gen, max_iter=300, tol=1e-4, chunk=1 << 17):
         new = (sums / cnt.clamp_min(1)[:, None]).to(x.dtype)
         empty = cnt == 0
         if empty.any():   # relocate empty clusters to the points farthest from their centre
-            far = _sq_dist(x, x2, centers).gather(1, labels[:, None])[:, 0].topk(int(empty.sum())).indices
-            new[empty] = x[far]
+            new[empty] = x[dist.topk(int(empty.sum())).indices]
         shift = ((new - centers) ** 2).sum().item()
         centers = new
         if shift <= tol:
             break
-    return torch.cat([_sq_dist(x[i:i + chunk], x2[i:i + chunk], centers).argmin(1)
-                      for i in range(0, n, chunk)])
+    return centers, nearest(x, x2, centers, chunk)[1].sum(dtype=torch.float64).item()
+
+
+def kmeans_labels(x, k, gen, n_init=3, sample=1 << 16, chunk=1 << 17):
+    """The initial partition for EM: the best (lowest inertia) of n_init k-means runs on a
+    uniform subsample of `sample` rows, then every row labelled by its nearest centre.
+
+    Departs from scikit-learn's 'kmeans' init (one k-means on all rows, up to 300 Lloyd
+    iterations): on 300,000 x 256 features that one run was seen creeping for 300
+    iterations while two clusters traded a few points per step; EM refines the partition
+    anyway, and several cheap runs on a subsample find a better optimum more often."""
+    n = len(x)
+    xs = x[torch.randperm(n, generator=gen)[:sample].to(x.device)] if n > sample else x
+    runs = [kmeans(xs, k, gen, chunk=chunk) for _ in range(n_init)]
+    centers = min(runs, key=lambda r: r[1])[0]
+    return nearest(x, (x * x).sum(1), centers, chunk)[0]
 
 
 def _m_step(nk, s, n, d, reg_covar):
@@ -291,11 +316,12 @@ def fit_gmm(x, k, tol=1e-3, max_iter=100, reg_covar=1e-6, init=None, seed=0, chu
     n, d = x.shape
     dev = x.device
     gen = torch.Generator().manual_seed(seed)
-    shift = x.mean(0, dtype=torch.float64)                            # (D,)
+    shift = ((x.new_ones(n) @ x) / n).double()                        # (D,) the data mean
     xc = x.float() - shift.float()                                    # (n, D)
     z = torch.cat([xc, xc * xc], 1)                                   # (n, 2D) = [f, f^2]
+    t0 = time.perf_counter()
     if init is None:
-        labels = kmeans(xc, k, gen, chunk=chunk)
+        labels = kmeans_labels(xc, k, gen)
         del xc
         nk = torch.bincount(labels, minlength=k).double()
         s = torch.zeros(k, 2 * d, dtype=torch.float64, device=dev)
@@ -307,6 +333,7 @@ def fit_gmm(x, k, tol=1e-3, max_iter=100, reg_covar=1e-6, init=None, seed=0, chu
         weights, means, variances = (torch.as_tensor(a, dtype=torch.float64, device=dev) for a in init)
         means = means - shift
     start = (weights.cpu(), (means + shift).cpu(), variances.cpu())
+    t_init = time.perf_counter() - t0 if init is None else 0.0
     ll, converged, it = -math.inf, False, 0
     for it in range(1, max_iter + 1):
         new_ll, nk, s = _e_step(z, weights, means, variances, chunk)
@@ -315,7 +342,7 @@ def fit_gmm(x, k, tol=1e-3, max_iter=100, reg_covar=1e-6, init=None, seed=0, chu
         if abs(change) < tol:
             converged = True
             break
-    return GMM(weights.cpu(), (means + shift).cpu(), variances.cpu(), ll, it, converged, start)
+    return GMM(weights.cpu(), (means + shift).cpu(), variances.cpu(), ll, it, converged, start, t_init)
 
 
 def fit_class_gmms(samples, k, min_per_component=10, device="cpu", **em):
@@ -358,51 +385,59 @@ def fit_class_gmms(samples, k, min_per_component=10, device="cpu", **em):
 # Eq. (4): log p_c(f) of every class at once, and the centroid baseline
 # ============================================================================
 def logsumexp_(x, out):
-    """out = log sum_k exp(x[..., k]), overwriting x. Like torch.logsumexp, but exp's
-    argument is clamped at -80: on the CPU torch.logsumexp is ~4x slower when most terms
-    underflow, as they do here (log densities spread over hundreds of nats), and terms
-    below e^-80 of the largest cannot change a float32 result. All -inf gives -inf."""
+    """out = log sum_k exp(x[..., k]), overwriting x; every row needs one finite entry.
+    Like torch.logsumexp, but exp's argument is clamped at -80: on the CPU torch.logsumexp
+    is ~4x slower when most terms underflow, as they do here (log densities spread over
+    hundreds of nats), and terms below e^-80 of the largest cannot change a float32 sum."""
     mx = x.amax(-1, keepdim=True)                                     # (..., 1)
     s = x.sub_(mx).clamp_min_(-80.0).exp_().sum(-1)                   # (...,)
-    torch.add(torch.log(s), mx[..., 0], out=out)
-    return out.masked_fill_(torch.isneginf(mx[..., 0]), -math.inf)
+    return torch.add(s.log_(), mx[..., 0], out=out)
 
 
 class MixtureLogDensity:
     """scores(f) = [log p_c(f)]_c for all C classes (Eq. (4)), f (n, D) -> (n, C).
 
-    All C*K components are stacked into one (2D, C*K) matrix, so each chunk of features
-    costs one matrix product [f, f^2] @ W plus a per-class logsumexp over K; no (n, K, D)
-    tensor is formed. Features are shifted by the mean of the component means first (the
-    density is shift invariant), which keeps the expanded form accurate in float32."""
+    All components of all classes are stacked into one (2D, C*K) matrix, so each chunk of
+    features costs one matrix product [f, f^2] @ W plus a per-class logsumexp over K; no
+    (n, K, D) tensor is formed. Features are shifted by the mean of the component means
+    first (the density is shift invariant), which keeps the expanded form accurate in
+    float32. A class without components (weights all 0) scores -inf."""
 
     def __init__(self, weights, means, variances, device="cpu", chunk=8192):
         w = torch.as_tensor(weights, dtype=torch.float64)             # (C, K)
         mu = torch.as_tensor(means, dtype=torch.float64)              # (C, K, D)
         var = torch.as_tensor(variances, dtype=torch.float64)         # (C, K, D)
-        self.C, self.K, self.D = mu.shape
-        used = w > 0
+        self.C, K, self.D = mu.shape
+        used = w > 0                                                  # (C, K)
+        self.present = torch.nonzero(used.any(1))[:, 0].to(device)    # classes with a mixture
         self.shift = mu[used].mean(0) if used.any() else torch.zeros(self.D, dtype=torch.float64)
+        keep = used.any(1)
+        w, mu, var, used = w[keep], mu[keep], var[keep], used[keep]
         mu = torch.where(used[..., None], mu - self.shift, 0.0)
         var = torch.where(used[..., None], var, 1.0)
         W, b = gaussian_terms(w.reshape(-1), mu.reshape(-1, self.D), var.reshape(-1, self.D))
-        self.W = W.float().contiguous().to(device)                    # (2D, C*K)
-        self.b = b.float().to(device)                                 # (C*K,)
+        self.W = W.float().contiguous().to(device)                    # (2D, C'*K)
+        self.b = b.float().to(device)                                 # (C'*K,), -inf: unused slot
         self.shift = self.shift.float().to(device)                    # (D,)
-        self.chunk = chunk
+        self.K, self.chunk = K, chunk
 
     @torch.no_grad()
     def __call__(self, f):
         n, D = f.shape
-        out = torch.empty(n, self.C, dtype=torch.float32, device=f.device)
-        z = torch.empty(min(n, self.chunk), 2 * D, dtype=torch.float32, device=f.device)
+        Cp = len(self.present)
+        out = torch.full((n, self.C), -math.inf, device=f.device)
+        dense = out if Cp == self.C else torch.empty(min(n, self.chunk), Cp, device=f.device)
+        z = torch.empty(min(n, self.chunk), 2 * D, device=f.device)
         for i in range(0, n, self.chunk):
             m = min(self.chunk, n - i)
             zc = z[:m]
             torch.sub(f[i:i + m], self.shift, out=zc[:, :D])          # f - shift
             torch.mul(zc[:, :D], zc[:, :D], out=zc[:, D:])            # (f - shift)^2
-            lp = torch.addmm(self.b, zc, self.W).view(m, self.C, self.K)   # (m, C, K)  Eq. (5), all at once
-            logsumexp_(lp, out[i:i + m])                              # (m, C)  Eq. (4)
+            lp = torch.addmm(self.b, zc, self.W).view(m, Cp, self.K)  # (m, C, K)  Eq. (5), all at once
+            if Cp == self.C:
+                logsumexp_(lp, out[i:i + m])                          # (m, C)  Eq. (4)
+            else:
+                out[i:i + m, self.present] = logsumexp_(lp, dense[:m])
         return out
 
 
@@ -815,6 +850,9 @@ def save_prototypes(path, samples, counts, sums, args, device):
     (centroids.npz), with the class means over every correct source pixel in both."""
     counts = counts.numpy()
     sampled = np.array([0 if s is None else len(s) for s in samples])
+    if not sampled.any():
+        raise DataError("no source pixel is classified correctly by the warm-up model (Eq. (3) is "
+                        "empty for every class): is work/02_warmup/model.pt trained?")
     class_means = sums.numpy() / np.maximum(counts, 1)[:, None]      # (C, D)
     common = dict(source_seen=counts, source_sampled=sampled, class_means=class_means)
     if path.name == "centroids.npz":
