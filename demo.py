@@ -1,0 +1,108 @@
+"""demo.py: the whole BiSMAP pipeline on the toy datasets, on a CPU, in one command.
+
+    python demo.py                  # toy data -> 01 ... 06 -> ONNX export -> predictions
+    python demo.py --small          # a smaller configuration (the test suite runs it)
+
+It runs the same numbered scripts a researcher runs on the real data, with smaller
+values of the same flags (printed before each stage, so you can rerun any one), then
+prints a table: target mIoU after 02, 05 and 06, the pseudo-label ratio and accuracy of
+03, and where every artifact is. A rerun resumes: finished stages are redone only when
+their arguments changed (each stage decides that from its own folder).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def configs(small):
+    """Per-stage flags of the toy runs. Backbone resnet18 without pre-trained weights:
+    nothing is downloaded, and the toy scenes need no ImageNet features."""
+    n = {"warm": 400, "self": 300, "dist": 250, "ratio": 0.6} if not small else \
+        {"warm": 60, "self": 30, "dist": 20, "ratio": 0.6}
+    crop = ["--crop", "128", "64"] if not small else ["--crop", "64", "32"]
+    train = ["--workers", "0", "--log-every", "50" if not small else "10", *crop]
+    return [
+        ("01_stylize", ["--workers", "0"]),
+        ("02_warmup", ["--backbone", "resnet18", "--weights", "none", "--iters", str(n["warm"]),
+                       "--batch-size", "8", "--eval-every", str(n["warm"]), *train]),
+        ("03_maps", ["--target-ratio", str(n["ratio"]), "--samples-per-class", "20000"]),
+        ("04_stm", ["--encoder", "resnet18", "--encoder-weights", "none", "--encoder-scale", "2"]),
+        ("05_selftrain", ["--iters", str(n["self"]), "--batch-size", "4", "--eval-every", str(n["self"]),
+                          "--ramp-up", str(n["self"] // 3), *train]),
+        ("06_distill", ["--student-init", "none", "--rounds", "2", "--iters", str(n["dist"]),
+                        "--batch-size", "4", "--eval-every", str(n["dist"]), *train]),
+        ("export_onnx", ["export"]),
+    ]
+
+
+def run(cmd):
+    print("\n$ " + " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.time() - t0
+
+
+def manifest(work, stage):
+    p = Path(work) / stage / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data")
+    p.add_argument("--work", default="work")
+    p.add_argument("--small", action="store_true", help="the test suite's smaller configuration")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    py = sys.executable
+    common = ["--data", a.data, "--work", a.work, "--seed", str(a.seed), "--device", "cpu"]
+    times = {}
+    t_all = time.time()
+    if not (Path(a.data) / "cityscapes").exists():
+        gen = ["--scale", "0.5", "--count", "0.5"] if a.small else []
+        times["toy_data"] = run([py, "toy_data.py", "--data", a.data, "--seed", str(a.seed), *gen])
+    for stage, flags in configs(a.small):
+        if stage == "export_onnx":
+            cmd = [py, "export_onnx.py", *flags, *common]
+        else:
+            cmd = [py, f"{stage}.py", *common, *flags]
+        times[stage] = run(cmd)
+    # predictions with the exported model on a few target images (onnxruntime only)
+    val = sorted((Path(a.data) / "cityscapes" / "leftImg8bit" / "val").glob("*/*.png"))[:3]
+    out = Path(a.work) / "export" / "predictions"
+    times["predict"] = run([py, "export_onnx.py", "predict", "--model",
+                            str(Path(a.work) / "export" / "bismap.onnx"), "--out", str(out),
+                            *map(str, val)])
+
+    # ============ the summary table ============
+    m = {s: manifest(a.work, s) for s in ("02_warmup", "03_maps", "05_selftrain", "06_distill", "export")}
+    s3 = m["03_maps"].get("summary", {})
+    rows = [("02 warm-up (GPA baseline)", f"{m['02_warmup']['summary']['target_miou']:.1f}"),
+            ("03 pseudo labels: ratio / accuracy",
+             f"{100 * s3.get('pl_ratio', float('nan')):.1f}% / {100 * s3.get('accuracy', float('nan')):.1f}%"),
+            ("05 self-training (Eq. 13)", f"{m['05_selftrain']['summary']['target_miou']:.1f}")]
+    for r in m["06_distill"]["summary"]["rounds"]:
+        rows.append((f"06 distillation, round {r['round']}", f"{r['target_miou']:.1f}"))
+    print("\n" + "=" * 64 + f"\nBiSMAP toy pipeline finished in {time.time() - t_all:.0f} s "
+          f"(target: toy Cityscapes val, mIoU %)\n" + "=" * 64)
+    for k, v in rows:
+        print(f"  {k:<40} {v:>12}")
+    print("\nArtifacts:")
+    for stage, what in [("01_stylize", "images/ stylized source, previews/"),
+                        ("02_warmup", "model.pt best.pt last.pt log.jsonl"),
+                        ("03_maps", "gmm.npz, labels/ pseudo labels, previews/"),
+                        ("04_stm", "prototypes.npy, class_entropy*.npy, stm/ maps, previews/"),
+                        ("05_selftrain", "model.pt best.pt last.pt log.jsonl"),
+                        ("06_distill", "round*/labels, round*/model.pt, model.pt"),
+                        ("export", "bismap.onnx, predictions/")]:
+        print(f"  {Path(a.work) / stage}/  {what}")
+    print("Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+if __name__ == "__main__":
+    main()
