@@ -310,8 +310,8 @@ def fit_gmm(x, k, tol=1e-3, max_iter=100, reg_covar=1e-6, init=None, seed=0, chu
     Runs on x's device in float32 matrix products with float64 accumulation (the
     log-likelihood, the sufficient statistics, the parameters). The data are centred on
     their mean first, which keeps the expanded quadratic form accurate in float32.
-    init: (weights (K,), means (K, D), variances (K, D)) to start from; default: k-means++
-    then Lloyd, then one M-step on the hard labels (scikit-learn's 'kmeans' init).
+    init: (weights (K,), means (K, D), variances (K, D)) to start from; default: one M-step
+    on a k-means partition (scikit-learn's 'kmeans' init; see kmeans_labels).
     Stops when the mean log-likelihood changes less than tol (scikit-learn's rule)."""
     n, d = x.shape
     dev = x.device
