@@ -622,7 +622,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("running")
     g.add_argument("--calib-images", type=int, default=100, help="--target-ratio: target images sampled")
     g.add_argument("--calib-pixels", type=int, default=20000, help="--target-ratio: pixels sampled per image")
-    g.add_argument("--chunk", type=int, default=1 << 16, help="pixels scored per matrix product")
+    g.add_argument("--chunk", type=int, default=1 << 16, help="pixels upsampled and scored per band "
+                   "(and per matrix product on CUDA)")
     g.add_argument("--previews", type=int, default=4, help="colourised previews written")
     g.add_argument("--amp", default=True, action=argparse.BooleanOptionalAction,
                    help="mixed precision for the segmentor on CUDA (scores are float32)")
@@ -695,10 +696,13 @@ def main(argv=None):
             barrier()
         z = np.load(proto_file)
         info = json.loads(str(z["info"]))
+        # rows per matrix product: 8192 keeps a chunk's operands in a CPU's caches (measured
+        # fastest in bench/gmm.py); a GPU wants large products
+        rows = args.chunk if device.type == "cuda" else 8192
         if args.pla == "maps":
-            scorer = MixtureLogDensity(z["weights"], z["means"], z["variances"], device, args.chunk)
+            scorer = MixtureLogDensity(z["weights"], z["means"], z["variances"], device, rows)
         else:
-            scorer = CentroidScore(z["class_means"], z["source_seen"] > 0, device, args.chunk)
+            scorer = CentroidScore(z["class_means"], z["source_seen"] > 0, device, rows)
         absent = [r["class"] for r in info if r["components"] == 0]
         if absent:
             log0(f"no prototype (never predicted correctly on the source): {', '.join(absent)}")
