@@ -189,23 +189,9 @@ def build_encoder(name="resnet152", weights="imagenet", stride=32):
     (random init), or a path to a torchvision-layout state dict, loaded strictly (a
     missing `fc.` is fine). stride 16 dilates layer4 instead of striding it (resnet50/152:
     torchvision's BasicBlock of resnet18 has no dilation)."""
-    import torchvision
     if name not in ENCODERS:
         raise ValueError(f"--encoder must be one of {list(ENCODERS)}, got {name!r}")
-    if stride not in (16, 32) or (stride == 16 and name == "resnet18"):
-        raise ValueError(f"--encoder-stride {stride} with {name}: use 32, or 16 with resnet50/152")
-    ctor = getattr(torchvision.models, name)
-    tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if weights == "imagenet" else None
-    kw = {"replace_stride_with_dilation": [False, False, True]} if stride == 16 else {}
-    try:
-        net = ctor(weights=tv_weights, **kw)
-    except Exception as e:  # no network, or a broken cache
-        raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} "
-                           f"({type(e).__name__}: {e}). On an offline machine pass "
-                           f"--encoder-weights PATH (a torchvision-layout state dict) or none.") from None
-    if weights not in ("imagenet", "none"):
-        common.load_state_strict(net, weights, what=f"--encoder-weights {weights}",
-                                 optional_prefixes=("fc.",))
+    net = common.build_resnet(name, weights, output_stride=stride, flag="--encoder-weights")
     enc = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                         net.layer1, net.layer2, net.layer3, net.layer4)
     return enc.eval()
@@ -573,8 +559,8 @@ def main(argv=None):
                         "(random init: toy runs only, NOT the paper's setting), or a path to a "
                         "torchvision-layout state dict (the paper: SimCLRv2 ResNet-152, Sec. 4.2)")
     g.add_argument("--encoder-stride", type=int, default=32, choices=[32, 16],
-                   help="output stride of E-hat: 32 (plain ResNet) or 16 (layer4 dilated, "
-                        "resnet50/152: 4x the positions, a finer STM, 4x the distance maps)")
+                   help="output stride of E-hat: 32 (plain ResNet) or 16 (layer4 dilated: "
+                        "4x the positions, a finer STM, 4x the distance maps)")
     g.add_argument("--encoder-scale", type=float, default=1.0,
                    help="resize images by this factor before E-hat (<1 saves time on the real "
                         "data; >1 gives the tiny toy images more than a few feature positions)")

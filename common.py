@@ -456,22 +456,29 @@ def _seed_worker(worker_id):
 BACKBONES = ("resnet101", "resnet50", "resnet34", "resnet18")
 
 
-def build_resnet(name, weights="none"):
-    """A torchvision ResNet with output stride 16 (layer4 dilated, not strided).
+def build_resnet(name, weights="none", output_stride=16, flag="--weights"):
+    """A torchvision ResNet with output stride 16 (layer4 dilated, not strided) or 32.
 
     weights: 'imagenet' (torchvision's weights API; downloads on first use), 'none',
-    or a path to a torchvision-layout state dict, loaded strictly."""
+    or a path to a torchvision-layout state dict, loaded strictly (`fc.` may be absent)."""
     import torchvision
-    if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    if name not in BACKBONES + ("resnet152",):
+        raise ValueError(f"backbone must be one of {BACKBONES + ('resnet152',)}, got {name!r}")
+    if output_stride not in (16, 32):
+        raise ValueError(f"output stride must be 16 or 32, got {output_stride}")
     ctor = getattr(torchvision.models, name)
-    tv_weights = None
-    if weights == "imagenet":
-        tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    if name in ("resnet18", "resnet34"):
+    tv_weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if weights == "imagenet" else None
+    basic = name in ("resnet18", "resnet34")
+    kw = {"replace_stride_with_dilation": [False, False, True]} if output_stride == 16 and not basic else {}
+    try:
+        net = ctor(weights=tv_weights, **kw)
+    except Exception as e:  # no network, or a broken cache
+        raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} "
+                           f"({type(e).__name__}: {e}). On an offline machine pass {flag} PATH "
+                           f"(a torchvision-layout state dict) or {flag} none.") from None
+    if output_stride == 16 and basic:
         # BasicBlock refuses replace_stride_with_dilation: set layer4's stride and
         # dilation by hand (stride 2 -> 1, dilation 2) for output stride 16.
-        net = ctor(weights=tv_weights)
         blk = net.layer4[0]
         blk.conv1.stride = (1, 1)
         blk.downsample[0].stride = (1, 1)
@@ -479,10 +486,8 @@ def build_resnet(name, weights="none"):
             for conv in (b.conv1, b.conv2):
                 if conv is not blk.conv1:
                     conv.dilation, conv.padding = (2, 2), (2, 2)
-    else:
-        net = ctor(weights=tv_weights, replace_stride_with_dilation=[False, False, True])
     if weights not in ("imagenet", "none", None):
-        load_state_strict(net, weights, what=f"{name} backbone", optional_prefixes=("fc.",))
+        load_state_strict(net, weights, what=f"{flag} {weights}", optional_prefixes=("fc.",))
     return net
 
 

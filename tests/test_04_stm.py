@@ -135,8 +135,8 @@ def test_encoder_shapes_and_strict_loading(tmp_path):
     assert f.shape == (2 * 3, 512) and hw == (2, 3)          # stride 32
     f16, hw16 = M.encode(M.build_encoder("resnet50", "none", stride=16), x)
     assert f16.shape == (4 * 6, 2048) and hw16 == (4, 6)     # stride 16 (dilated layer4)
-    with pytest.raises(ValueError, match="resnet50/152"):
-        M.build_encoder("resnet18", "none", stride=16)
+    f18, hw18 = M.encode(M.build_encoder("resnet18", "none", stride=16), x)
+    assert f18.shape == (4 * 6, 512) and hw18 == (4, 6)      # resnet18: layer4 dilated by hand
     _, hw2 = M.encode(enc, x, scale=2.0)
     assert hw2 == (4, 6)                                     # --encoder-scale
     for (W, H), scale in [((100, 70), 1.0), ((100, 70), 0.7), ((96, 64), 2.0)]:

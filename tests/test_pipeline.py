@@ -1,0 +1,108 @@
+"""The whole toy pipeline (demo.py --small) and its fault handling: stale inputs,
+interrupted writes, reproducibility."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT, TINY_TRAIN, run_stage
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """demo.py --small end to end: toy data, 01-06, ONNX export, predictions."""
+    d = tmp_path_factory.mktemp("pipe")
+    out = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--small", "--data", str(d / "data"),
+                          "--work", str(d / "work")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return d, out.stdout
+
+
+def test_demo_runs_every_stage_and_prints_the_table(pipeline):
+    d, stdout = pipeline
+    for stage in ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain", "06_distill", "export"):
+        assert json.loads((d / "work" / stage / "manifest.json").read_text())["complete"], stage
+    assert "02 warm-up (GPA baseline)" in stdout and "06 distillation, round 2" in stdout
+    preds = sorted((d / "work" / "export" / "predictions").rglob("*_label.png"))
+    assert len(preds) == 3
+    m6 = json.loads((d / "work" / "06_distill" / "manifest.json").read_text())
+    # each round's teacher is the previous round's student
+    assert m6["summary"]["rounds"][0]["teacher"].endswith("05_selftrain/model.pt")
+    assert m6["summary"]["rounds"][1]["teacher"].endswith("06_distill/round1/model.pt")
+
+
+def _copy(pipeline, tmp_path):
+    d, _ = pipeline
+    w = tmp_path / "work"
+    shutil.copytree(d / "work", w, ignore=shutil.ignore_patterns("06_distill", "export"))
+    return d / "data", w
+
+
+SELF = ["--iters", "2", "--batch-size", "2", "--crop", "64", "32", "--workers", "0", "--eval-every", "2"]
+
+
+def test_stale_pseudo_labels_are_refused(pipeline, tmp_path):
+    data, w = _copy(pipeline, tmp_path)
+    labels = sorted((w / "03_maps" / "labels").glob("*.png"))
+    labels[0].unlink()
+    with pytest.raises(common.StageError, match=f"no pseudo label.*{labels[0].name}.*run 03_maps.py again"):
+        run_stage("05_selftrain", "--data", data, "--work", w, *SELF)
+    shutil.copy(labels[1], labels[0])
+    shutil.copy(labels[1], labels[0].with_name("elsewhere_000000_000000_leftImg8bit.png"))
+    with pytest.raises(common.StageError, match="belong to no target image.*run 03_maps.py again"):
+        run_stage("05_selftrain", "--data", data, "--work", w, *SELF)
+
+
+def test_pseudo_labels_from_another_warmup_run_are_refused(pipeline, tmp_path):
+    data, w = _copy(pipeline, tmp_path)
+    run_stage("02_warmup", "--data", data, "--work", w, *TINY_TRAIN, "--iters", "2", "--eval-every", "2",
+              "--source-eval", "0")
+    with pytest.raises(common.StageError, match="03_maps is stale.*02_warmup.py.*run 03_maps.py again"):
+        run_stage("05_selftrain", "--data", data, "--work", w, *SELF)
+
+
+def test_missing_earlier_stage_is_named(pipeline, tmp_path):
+    data, w = _copy(pipeline, tmp_path)
+    shutil.rmtree(w / "04_stm")
+    with pytest.raises(common.StageError, match="04_stm/manifest.json not found.*run 04_stm.py first"):
+        run_stage("05_selftrain", "--data", data, "--work", w, *SELF)
+
+
+def test_interrupted_write_leaves_nothing_under_the_real_name(tmp_path):
+    target = tmp_path / "x.png"
+    with pytest.raises(RuntimeError):
+        with common.atomic_write(target) as tmp:
+            tmp.write_bytes(b"\x89PNG half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_discards_leftover_temporary_files(pipeline, tmp_path):
+    data, w = _copy(pipeline, tmp_path)
+    shutil.rmtree(w / "01_stylize")
+    run_stage("01_stylize", "--data", data, "--work", w, "--workers", "0")
+    imgs = w / "01_stylize" / "images"
+    victim = sorted(imgs.glob("*.png"))[0]
+    victim.rename(imgs / f".tmp-deadbeef-{victim.name}")   # a crash mid-write leaves only this
+    (w / "01_stylize" / "manifest.json").unlink()
+    run_stage("01_stylize", "--data", data, "--work", w, "--workers", "0")
+    assert victim.exists() and not list(imgs.glob(".tmp-*"))
+    assert common.read_image(victim).shape[2] == 3
+
+
+def test_warmup_is_reproducible_on_cpu(pipeline, tmp_path):
+    data, w = _copy(pipeline, tmp_path)
+    states = []
+    for k in range(2):
+        wk = tmp_path / f"r{k}"
+        shutil.copytree(w / "01_stylize", wk / "01_stylize")
+        run_stage("02_warmup", "--data", data, "--work", wk, *TINY_TRAIN, "--iters", "4",
+                  "--eval-every", "4", "--source-eval", "0", "--seed", "3")
+        states.append(torch.load(wk / "02_warmup" / "model.pt", weights_only=False)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
