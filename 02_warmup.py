@@ -31,10 +31,7 @@ def main(argv=None):
     p.add_argument("--source-eval", type=int, default=100,
                    help="source training images evaluated at the end (the source mIoU; 0: skip)")
     args = p.parse_args(argv)
-    rank, world = common.setup_distributed()
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed + rank)
-    stage = common.Stage(args, "02_warmup")
+    stage, device, rank, world = common.start(args, "02_warmup")
     items, image_for = common.stylized_source(args, stage, raw=args.source_images == "raw")
     val = common.target_val_items(args.data)
     resuming = stage.begin()

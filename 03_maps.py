@@ -345,6 +345,17 @@ def fit_gmm(x, k, tol=1e-3, max_iter=100, reg_covar=1e-6, init=None, seed=0, chu
     return GMM(weights.cpu(), (means + shift).cpu(), variances.cpu(), ll, it, converged, start, t_init)
 
 
+def to_sklearn(weights, means, variances):
+    """One class's mixture as a scikit-learn diagonal GaussianMixture (for comparisons:
+    its score_samples is the reference for Eq. (4) in the tests and bench/gmm.py)."""
+    from sklearn.mixture import GaussianMixture
+    gm = GaussianMixture(len(weights), covariance_type="diag")
+    gm.weights_, gm.means_, gm.covariances_ = weights, means, variances
+    gm.precisions_cholesky_ = 1 / np.sqrt(variances)
+    gm.precisions_ = 1 / variances
+    return gm
+
+
 def fit_class_gmms(samples, k, min_per_component=10, device="cpu", **em):
     """One mixture per class (Eq. (4)). samples: list of C tensors (n_c, D) or None.
 

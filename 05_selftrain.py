@@ -122,10 +122,7 @@ def main(argv=None):
     g.add_argument("--no-stm", action="store_true", help="uniform source weights (Table 4 without STM)")
     g.add_argument("--no-consistency", action="store_true", help="drop Eq. (12) (Table 4 rows)")
     args = p.parse_args(argv)
-    rank, world = common.setup_distributed()
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed + rank)
-    stage = common.Stage(args, "05_selftrain")
+    stage, device, rank, world = common.start(args, "05_selftrain")
     warm = stage.use("02_warmup")
     args.backbone = warm["args"]["backbone"]  # the segmentor is the warm-up model's
     maps = stage.use("03_maps")
@@ -172,7 +169,7 @@ def main(argv=None):
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)
         loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
-        lam = args.lam * ramp_up(it, args.ramp_up)
+        lam = 0.0 if args.no_consistency else args.lam * ramp_up(it, args.ramp_up)
         loss = loss_ce + loss_sce + lam * loss_cons  # Eq. (13)
         return loss, {"loss": loss.item(), "ce": loss_ce.item(), "sce": loss_sce.item(),
                       "consist": loss_cons.item(), "lambda": lam}

@@ -111,10 +111,7 @@ def main(argv=None):
                    help="ignore teacher pseudo labels below this confidence (0: keep all)")
     g.add_argument("--no-stm", action="store_true", help="uniform source weights")
     args = p.parse_args(argv)
-    rank, world = common.setup_distributed()
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed + rank)
-    stage = common.Stage(args, "06_distill")
+    stage, device, rank, world = common.start(args, "06_distill")
     st = stage.use("05_selftrain")
     args.backbone = args.backbone or st["args"]["backbone"]
     src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)

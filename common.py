@@ -818,6 +818,15 @@ class Stage:
         return m
 
 
+def start(args, name):
+    """The opening of a training stage: join torchrun if it launched us, pick the device,
+    seed (per rank) and open the stage folder. Returns (stage, device, rank, world)."""
+    rank, world = setup_distributed()
+    device = pick_device(args.device)
+    seed_everything(args.seed + rank)
+    return Stage(args, name), device, rank, world
+
+
 def now():
     return datetime.datetime.now().isoformat(timespec="seconds")
 

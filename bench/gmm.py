@@ -52,14 +52,6 @@ def timed(fn, device="cpu", repeat=1):
     return best, out
 
 
-def sk_mixture(weights, means, variances):
-    gm = GaussianMixture(len(weights), covariance_type="diag")
-    gm.weights_, gm.means_, gm.covariances_ = weights, means, variances
-    gm.precisions_cholesky_ = 1 / np.sqrt(variances)
-    gm.precisions_ = 1 / variances
-    return gm
-
-
 def draw_mixture(rng, n, K, D, spread=0.5):
     """n rows from a random K-component diagonal mixture (float32) and its parameters."""
     w = rng.dirichlet(np.full(K, 5.0))
@@ -118,7 +110,7 @@ def main():
         x, _ = draw_mixture(rng, n, K, D)
         xt = torch.from_numpy(x).to(dev)
         t_ours, g = timed(lambda: maps.fit_gmm(xt, K, seed=a.seed), dev)
-        ll_ours = sk_mixture(*(t.numpy() for t in (g.weights, g.means, g.variances))).score(x)
+        ll_ours = maps.to_sklearn(*(t.numpy() for t in (g.weights, g.means, g.variances))).score(x)
         sk = GaussianMixture(K, covariance_type="diag", random_state=a.seed, tol=1e-3, max_iter=100,
                              reg_covar=1e-6)
         t_sk, _ = timed(lambda: sk.fit(x))
@@ -145,7 +137,7 @@ def main():
     x = (rng.standard_normal((n, D), dtype=np.float32) * 0.8 + 0.5).astype(np.float32)
     xt = torch.from_numpy(x).to(dev)
     scorer = maps.MixtureLogDensity(w, mu, var, dev)
-    mixtures = [sk_mixture(w[c], mu[c], var[c]) for c in range(C)]
+    mixtures = [maps.to_sklearn(w[c], mu[c], var[c]) for c in range(C)]
     xb = torch.from_numpy(x[:nb])
     nm = min(n, rows["mm_rows"])
     A = torch.randn(nm, 2 * D, device=dev)

@@ -14,15 +14,6 @@ from conftest import load_stage
 M = load_stage("03_maps")
 
 
-def sk_mixture(weights, means, variances):
-    """A scikit-learn diagonal GaussianMixture holding the given parameters."""
-    gm = GaussianMixture(len(weights), covariance_type="diag")
-    gm.weights_, gm.means_, gm.covariances_ = weights, means, variances
-    gm.precisions_cholesky_ = 1 / np.sqrt(variances)
-    gm.precisions_ = 1 / variances
-    return gm
-
-
 def random_mixtures(rng, C, K, D):
     w = rng.dirichlet(np.ones(K), size=C)                               # (C, K)
     mu = rng.normal(0, 2, size=(C, K, D)) + 3                           # (C, K, D)
@@ -38,7 +29,7 @@ def test_log_density_matches_sklearn():
     x = (rng.normal(0, 2, size=(3000, D)) + 3).astype(np.float32)
     ours = M.MixtureLogDensity(w, mu, var, chunk=700)(torch.from_numpy(x)).numpy()   # (n, C)
     for c in range(C):
-        ref = sk_mixture(w[c], mu[c], var[c]).score_samples(x.astype(np.float64))
+        ref = M.to_sklearn(w[c], mu[c], var[c]).score_samples(x.astype(np.float64))
         np.testing.assert_allclose(ours[:, c], ref, rtol=1e-4)
 
 
@@ -57,7 +48,7 @@ def test_missing_components_and_classes_give_minus_inf_not_nan():
     x = torch.from_numpy(rng.normal(3, 2, size=(50, 8)).astype(np.float32))
     s = M.MixtureLogDensity(w, mu, var)(x)
     assert torch.isneginf(s[:, 1]).all() and torch.isfinite(s[:, [0, 2]]).all()
-    ref = sk_mixture(w[2, :2], mu[2, :2], var[2, :2]).score_samples(x.double().numpy())
+    ref = M.to_sklearn(w[2, :2], mu[2, :2], var[2, :2]).score_samples(x.double().numpy())
     np.testing.assert_allclose(s[:, 2].numpy(), ref, rtol=1e-4)
     assert (M.assign_pseudo_labels(s, -1e30) != 1).all()
 
