@@ -787,7 +787,7 @@ class Stage:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "manifest.json").unlink(missing_ok=True)
-            for p in self.dir.glob(".tmp-*"):
+            for p in self.dir.rglob(".tmp-*"):
                 p.unlink()
             save_json(run, {"key": key, "started": now()})
         barrier()

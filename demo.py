@@ -34,7 +34,7 @@ def configs(small):
         ("04_stm", ["--encoder", "resnet18", "--encoder-weights", "none", "--encoder-scale", "2",
                     "--workers", "0"]),
         ("05_selftrain", ["--iters", str(n["self"]), "--batch-size", "4", "--eval-every", str(n["self"]),
-                          "--ramp-up", str(n["self"] // 3), *train]),
+                          "--ramp-up", str(n["self"] // 3), "--lam", "1", *train]),
         ("06_distill", ["--student-init", "none", "--rounds", "2", "--iters", str(n["dist"]),
                         "--batch-size", "4", "--eval-every", str(n["dist"]), *train]),
         ("export_onnx", ["export"]),
