@@ -2,6 +2,7 @@
 
     python demo.py                  # toy data -> 01 ... 06 -> ONNX export -> predictions
     python demo.py --small          # a smaller configuration (the test suite runs it)
+    python demo.py --small --nproc 2   # every stage under torchrun, 2 gloo processes (CI)
 
 It runs the same numbered scripts a researcher runs on the real data, with smaller
 values of the same flags (printed before each stage, so you can rerun any one), then
@@ -11,6 +12,7 @@ their arguments changed (each stage decides that from its own folder).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,10 +43,10 @@ def configs(small):
     ]
 
 
-def run(cmd):
+def run(cmd, env=None):
     print("\n$ " + " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
     return time.time() - t0
 
 
@@ -59,6 +61,8 @@ def main(argv=None):
     p.add_argument("--work", default="work")
     p.add_argument("--small", action="store_true", help="the test suite's smaller configuration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="run stages 01-06 under torchrun with this many processes (gloo on CPU)")
     a = p.parse_args(argv)
     py = sys.executable
     common = ["--data", a.data, "--work", a.work, "--seed", str(a.seed), "--device", "cpu"]
@@ -70,9 +74,14 @@ def main(argv=None):
     for stage, flags in configs(a.small):
         if stage == "export_onnx":
             cmd = [py, "export_onnx.py", *flags, *common]
+        elif a.nproc > 1:
+            cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
+                   "--master_port", "29533", f"{stage}.py", *common, *flags]
         else:
             cmd = [py, f"{stage}.py", *common, *flags]
-        times[stage] = run(cmd)
+        # one thread per process under torchrun, so the processes do not fight for cores
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if a.nproc > 1 else None
+        times[stage] = run(cmd, env)
     # predictions with the exported model on a few target images (onnxruntime only)
     val = sorted((Path(a.data) / "cityscapes" / "leftImg8bit" / "val").glob("*/*.png"))[:3]
     out = Path(a.work) / "export" / "predictions"
