@@ -135,8 +135,9 @@ def main(argv=None):
     resuming = stage.begin()
 
     # ============ models: student from the warm-up weights, EMA teacher ============
-    model, _ = common.model_from_checkpoint(common.stage_dir(args.work, "02_warmup") / "model.pt",
-                                            device, "02_warmup")
+    init = common.stage_dir(args.work, "02_warmup") / "model.pt"
+    stage.add_input(init)
+    model, _ = common.model_from_checkpoint(init, device, "02_warmup")
     model.train()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     ddp = common.wrap_ddp(model, device)

@@ -120,6 +120,7 @@ def main(argv=None):
     resuming = stage.begin()
 
     teacher_path = common.stage_dir(args.work, "05_selftrain") / "model.pt"
+    stage.add_input(teacher_path)
     rounds = []
     for r in range(1, args.rounds + 1):
         rdir = stage.dir / f"round{r}"

@@ -340,7 +340,7 @@ def normalize(img_u8):
     return (x - mean) / std
 
 
-def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0, gen=None):
+def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0):
     """Apply the same geometry to an image and its per-pixel maps.
 
     img: (3, H, W) uint8 tensor; masks: list of (H, W) uint8 tensors (labels, STM
@@ -348,10 +348,9 @@ def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0
     treat padded pixels as ignored. crop = (W, H) or None. Colour jitter (brightness,
     contrast, saturation by `jitter`) touches the image only."""
     from torchvision.transforms.v2 import functional as TF
-    g = gen if gen is not None else torch.default_generator
 
     def rnd():
-        return torch.rand((), generator=g).item()
+        return torch.rand(()).item()
     _, h, w = img.shape
     if scale is not None and scale != (1.0, 1.0):
         s = scale[0] + (scale[1] - scale[0]) * rnd()
@@ -766,7 +765,7 @@ class Stage:
         skip = {"device", "workers", "eval_every", "log_every", "resume"}
         return {k: v for k, v in sorted(vars(self.args).items()) if k not in skip}
 
-    def begin(self, keep=()):
+    def begin(self):
         """Start (or resume) the stage. Returns True when resuming a matching run."""
         run = self.dir / "run.json"
         key = json.loads(json.dumps(self.resume_key(), default=_json_default))
@@ -782,8 +781,6 @@ class Stage:
                 resuming = False
             if self.dir.exists() and not resuming:
                 for p in self.dir.iterdir():
-                    if p.name in keep:
-                        continue
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "manifest.json").unlink(missing_ok=True)
