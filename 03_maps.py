@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CLASSES, IGNORE, NUM_CLASSES, DataError, SegDataset, Stage, StageError,
-                    autocast, barrier, base_parser, cityscapes_items, cleanup_distributed, colorize,
+                    autocast, barrier, image_loader, base_parser, cityscapes_items, cleanup_distributed, colorize,
                     confusion, decode_label, item_name, items_digest, iou_table, label_kind, log0,
                     model_from_checkpoint, need, normalize, overlay, pick_device, save_json,
                     save_npz, save_png, seed_everything, setup_distributed, stage_dir,
@@ -561,11 +561,6 @@ def score_image(model, img, pla, scorer, amp, chunk=1 << 16):
     return best, arg
 
 
-def image_loader(items, workers):
-    ds = SegDataset(items, "cityscapes", crop=None, scale=None, flip=False)
-    return torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=workers)
-
-
 def all_gather(obj):
     if not dist.is_initialized():
         return [obj]
@@ -581,8 +576,9 @@ def calibrate(model, items, pla, scorer, ratio, args, device, rank, world):
     mine = [items[i] for i in pick][rank::world]
     bests, args_ = [], []
     prng = np.random.default_rng([args.seed, rank, 1])
-    for batch in tqdm(image_loader(mine, args.workers), desc="calibrate threshold", disable=rank != 0):
-        best, arg = score_image(model, batch["image"].to(device), pla, scorer, args.amp, args.chunk)
+    for batch in tqdm(image_loader([p for p, _ in mine], args.workers), desc="calibrate threshold",
+                      disable=rank != 0):
+        best, arg = score_image(model, batch["image"][None].to(device), pla, scorer, args.amp, args.chunk)
         best, arg = best.flatten().cpu().numpy(), arg.flatten().cpu().numpy()
         sel = prng.choice(best.size, size=min(best.size, args.calib_pixels), replace=False)
         bests.append(best[sel])
@@ -751,17 +747,17 @@ def main(argv=None):
     for i in done:                                 # resumed: count what is already written
         pl = decode_label(out / "labels" / item_name(targets[i][0]), "trainid")
         tally(pl, gt_for.get(item_name(targets[i][0])), cm_all, cm_lab, stats, per_class)
-    bar = tqdm(zip(todo, image_loader([targets[i] for i in todo], args.workers)), total=len(todo),
+    bar = tqdm(zip(todo, image_loader([targets[i][0] for i in todo], args.workers)), total=len(todo),
                desc=f"pseudo labels ({args.pla})", disable=rank != 0)
     for i, batch in bar:
         name = item_name(targets[i][0])
-        img = batch["image"].to(device)                               # (1, 3, H, W)
+        img = batch["image"][None].to(device)                         # (1, 3, H, W)
         best, arg = score_image(model, img, args.pla, scorer, args.amp, args.chunk)
         pl = threshold_labels(best, arg, thr_t).cpu().numpy()         # Eq. (6)
         save_png(out / "labels" / name, pl, palette=True)
         gt = tally(pl, gt_for.get(name), cm_all, cm_lab, stats, per_class)
         if i < args.previews:
-            im = batch["image"][0].permute(1, 2, 0).numpy()
+            im = batch["image"].permute(1, 2, 0).numpy()
             panels = [overlay(im, pl), colorize(pl)] + ([colorize(gt)] if gt is not None else [])
             save_png(out / "previews" / name, np.concatenate(panels, 1))
 

@@ -211,12 +211,6 @@ def encode(encoder, img_u8, scale=1.0, amp=True):
     return f[0].flatten(1).T, tuple(f.shape[-2:])                      # (h*w, d)
 
 
-def image_loader(paths, workers):
-    """Images decoded in loader workers, in order: {"image": (3, H, W) uint8, "index": k}."""
-    ds = common.SegDataset([(p, None) for p in paths], "trainid", crop=None, scale=None, flip=False)
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
-
-
 def all_reduce_sum(array, device):
     """Sum a float64 numpy array over the torchrun ranks (a no-op in one process)."""
     if common.get_world() == 1:
@@ -249,7 +243,7 @@ def sample_target_features(encoder, paths, quotas, args, device, rng, dim):
     written into one preallocated (sum(quotas), d) float32 array: no second copy."""
     X = np.empty((sum(quotas), dim), np.float32)
     n = 0
-    for b in tqdm(image_loader(paths, args.workers), total=len(paths), desc="target features",
+    for b in tqdm(common.image_loader(paths, args.workers), total=len(paths), desc="target features",
                   disable=common.get_rank() != 0):
         f, _ = encode(encoder, b["image"].to(device), args.encoder_scale, args.amp)  # (h*w, d)
         k = b["index"]
@@ -345,7 +339,7 @@ def entropy_step(args, stage, targets, labels_dir, device, classes, timings):
         sums = torch.zeros(C, dtype=torch.float64, device=device)
         counts = torch.zeros(C, dtype=torch.float64, device=device)
         mine = targets[rank::world]
-        for b in tqdm(image_loader([p for p, _ in mine], args.workers), total=len(mine),
+        for b in tqdm(common.image_loader([p for p, _ in mine], args.workers), total=len(mine),
                       desc="class entropy", disable=rank != 0):
             with torch.no_grad(), common.autocast(device, args.amp):
                 logits = common.predict_logits(model, b["image"][None].to(device))  # (1, C, H, W)
@@ -396,7 +390,7 @@ def distance_step(args, stage, encoder, A, items, image_for, device):
         else:
             todo.append(k)
     srcs = [image_for(mine[k]) if image_for else mine[k] for k in todo]
-    for b in tqdm(image_loader(srcs, args.workers), total=len(todo), desc="Eq. (7) distances",
+    for b in tqdm(common.image_loader(srcs, args.workers), total=len(todo), desc="Eq. (7) distances",
                   disable=rank != 0):
         f, (h, w) = encode(encoder, b["image"].to(device), args.encoder_scale, args.amp)  # (h*w, d)
         D = nearest_prototype_distance(f, A_t).view(h, w).cpu().numpy()            # (h, w)  Eq. (7)

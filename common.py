@@ -423,6 +423,13 @@ class SegDataset(torch.utils.data.Dataset):
         return out
 
 
+def image_loader(paths, workers):
+    """Images decoded in loader workers, in order, one at a time (no crop, scale or flip):
+    {"image": (3, H, W) uint8, "valid": ..., "index": k} for the per-image stages."""
+    ds = SegDataset([(p, None) for p in paths], "trainid", crop=None, scale=None, flip=False)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers)
+
+
 def infinite_loader(dataset, batch_size, workers, seed, rank=0, world=1, start_epoch=0):
     """Yield batches forever, reshuffling every epoch (a DistributedSampler under DDP)."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
