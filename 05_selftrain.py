@@ -5,9 +5,23 @@ and a batch of target images and minimises
     L = L_ce + L_sce + lambda * L_consist                                      Eq. (13)
   L_ce:      source cross-entropy, each pixel weighted by its transferability w_i (04)  Eq. (10)
   L_sce:     symmetric cross-entropy on the target with the pseudo labels of 03         Eq. (11)
-  L_consist: KL(teacher || student) per pixel; the teacher is an EMA of the student and
-             sees the clean target crop, the student sees phi(x^t) = photometric
-             RandAugment + CutOut of the same crop; cut-out pixels are excluded         Eq. (12)
+  L_consist: KL(teacher || student) per pixel, divided by the number of classes (the
+             official nn.KLDivLoss() scale that lambda = 20 was tuned for; see
+             common.kl_divergence); the teacher is an EMA of the student and sees the
+             clean target crop, the student sees phi(x^t) = photometric RandAugment +
+             CutOut of the same crop; cut-out pixels are excluded                       Eq. (12)
+
+As in the official code (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step):
+  - the teacher runs with batch norm in training mode (statistics of the current target
+    batch) and its dropout off (common.teacher_forward);
+  - the student forwards the source batch, the clean target batch (L_sce) and the
+    augmented target batch (L_consist) separately, so each batch norm batch holds one
+    domain and one view;
+  - the learning rate warms up linearly (official: 400 of 90,000 iterations) and lambda
+    ramps up with exp(-5 (1 - t)^2) (official: 4,000 iterations); shorter schedules use
+    the same fractions.
+At every evaluation the EMA teacher's target-val mIoU is printed and logged beside the
+student's, and the manifest records both.
 
 Reads:  work/02_warmup/model.pt, work/01_stylize/images, work/03_maps/labels,
         work/04_stm/stm, data/cityscapes (val for evaluation)
@@ -88,7 +102,8 @@ def phi(images, n_ops=2, magnitude=0.5, cut=0.5):
 # ============ the mean teacher ============
 @torch.no_grad()
 def ema_update(teacher, student, decay=0.999):
-    """theta_t <- decay * theta_t + (1 - decay) * theta_s; buffers (BN statistics) copied."""
+    """theta_t <- decay * theta_t + (1 - decay) * theta_s; buffers (BN statistics) copied,
+    as the official CustomModel.ema_update does."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
@@ -110,18 +125,25 @@ def main(argv=None):
     g.add_argument("--alpha", type=float, default=0.1, help="alpha of the SCE loss, Eq. (11) (paper: 0.1)")
     g.add_argument("--beta", type=float, default=1.0, help="beta of the SCE loss, Eq. (11) (paper: 1.0)")
     g.add_argument("--lam", type=float, default=20.0,
-                   help="lambda of Eq. (13) (paper Sec. 4.2: 20; the official config uses 30)")
+                   help="lambda of Eq. (13) (paper Sec. 4.2: 20; the official config uses 30). It "
+                        "multiplies the KL of Eq. (12) averaged over pixels AND classes, as the "
+                        "official nn.KLDivLoss() does: the per-pixel KL summed over classes / C. "
+                        "(With the KL summed over classes, the same weight would be lambda / C.)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA smoothing of the teacher (paper: 0.999)")
-    g.add_argument("--ramp-up", type=int, default=2000,
-                   help="iterations of the sigmoid ramp-up of lambda (the paper is silent; about 2%% "
-                        "of the 90k schedule, so the consistency term does not pull toward a "
-                        "teacher that is still the warm-up model)")
+    g.add_argument("--ramp-up", type=int, default=None,
+                   help="iterations of the sigmoid ramp-up of lambda (the paper is silent; the "
+                        "official code uses 4,000 of 90,000; default: the same fraction of --iters)")
     g.add_argument("--ra-ops", type=int, default=2, help="RandAugment: photometric ops per image (N)")
     g.add_argument("--ra-magnitude", type=float, default=0.5, help="RandAugment: largest magnitude (0-1)")
     g.add_argument("--cutout", type=float, default=0.5, help="CutOut box side, as a fraction of the crop")
     g.add_argument("--no-stm", action="store_true", help="uniform source weights (Table 4 without STM)")
     g.add_argument("--no-consistency", action="store_true", help="drop Eq. (12) (Table 4 rows)")
+    p.set_defaults(warmup_iters=None)
     args = p.parse_args(argv)
+    if args.warmup_iters is None:  # official: 400 of 90,000 (configs/gta5_st.yml lr_schedule)
+        args.warmup_iters = common.official_fraction(args.iters, 400)
+    if args.ramp_up is None:       # official: get_consist_weight(rampup_length=4000)
+        args.ramp_up = common.official_fraction(args.iters, 4000)
     stage, device, rank, world = common.start(args, "05_selftrain")
     warm = stage.use("02_warmup")
     args.backbone = warm["args"]["backbone"]  # the segmentor is the warm-up model's
@@ -150,26 +172,26 @@ def main(argv=None):
                                               rank, world, start_epoch=args._start_iter)
                        for k, ds in enumerate((src_ds, tgt_ds))]
         s, t = next(loaders[0]), next(loaders[1])
-        # ---- source: Eq. (10) ----
+        # ---- source: Eq. (10), its own forward ----
         xs = common.normalize(s["image"].to(device))                      # (B, 3, H, W)
         ys = s["label"].to(device)                                        # (B, H, W)
         ws = None if args.no_stm else s["stm"].to(device).float() / 255   # (B, H, W) in [0, 1]
         loss_ce = common.weighted_ce(common.upsample(ddp(xs)[1], ys.shape[-2:]), ys, ws)  # Eq. (10)
-        # ---- target: Eq. (11) on the clean view, Eq. (12) on phi(view) vs the teacher ----
-        xt_u8 = t["image"]
+        # ---- target, clean view: Eq. (11), its own forward ----
+        xt_u8 = t["image"]                                                # (B, 3, H, W) uint8
         yt = t["label"].to(device)
+        lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+        loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
+        # ---- target, phi(view) against the teacher on the clean view: Eq. (12) ----
         if args.no_consistency:
-            lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
             loss_cons = torch.zeros((), device=device)
         else:
             xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
-            both = common.normalize(torch.cat([xt_u8, xa_u8]).to(device))
-            lt, la = common.upsample(ddp(both)[1], yt.shape[-2:]).chunk(2)
-            with torch.no_grad():
-                lteach = common.upsample(teacher(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+            la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
+            lteach = common.upsample(common.teacher_forward(
+                teacher, common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)
-        loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
         lam = 0.0 if args.no_consistency else args.lam * ramp_up(it, args.ramp_up)
         loss = loss_ce + loss_sce + lam * loss_cons  # Eq. (13)
         return loss, {"loss": loss.item(), "ce": loss_ce.item(), "sce": loss_sce.item(),
@@ -180,15 +202,18 @@ def main(argv=None):
             ema_update(teacher, model, args.ema)
 
     extra = {"teacher": (teacher.state_dict, lambda sd: teacher.load_state_dict(sd))}
-    final, best, state = common.train_loop(args, stage.dir, model, step_loss, val, extra_state=extra,
-                                           after_step=after_step, resume=resuming)
+    final, best, state = common.train_loop(
+        args, stage.dir, model, step_loss, val, extra_state=extra, after_step=after_step,
+        resume=resuming, also_eval=None if args.no_consistency else {"teacher": teacher})
     if rank == 0:
         common.save_checkpoint(stage.dir / "model.pt", **state)
-        stage.finish({"target_miou": final["miou"], "target": final, "best": best,
+        stage.finish({"target_miou": final["miou"], "teacher_target_miou": final.get("teacher_miou"),
+                      "target": final, "best": best,
                       "warmup_target_miou": warm["summary"]["target_miou"],
                       "pla": maps["args"].get("pla", "maps"), "stm": not args.no_stm,
                       "consistency": not args.no_consistency})
-        print(f"05_selftrain: target val mIoU {final['miou']:.1f} (warm-up "
+        teach = f", EMA teacher {final['teacher_miou']:.1f}" if "teacher_miou" in final else ""
+        print(f"05_selftrain: target val mIoU {final['miou']:.1f}{teach} (warm-up "
               f"{warm['summary']['target_miou']:.1f}; best {best['miou']:.1f} at iteration "
               f"{best.get('iteration')}) -> {stage.dir / 'model.pt'}")
     common.cleanup_distributed()

@@ -43,15 +43,24 @@ import common
 
 # ============ the distillation loss ============
 def distill_kl(teacher_logits, student_logits, mask=None, official=False):
-    """KL(p_teacher || p_student) averaged over pixels (common.kl_divergence).
-    official=True: F.kl_div(softmax(student), softmax(teacher)) summed over classes, the
-    official code's form: it treats the student's probabilities as log-probabilities,
-    giving sum_c p_t (log p_t - p_s), which is not a divergence (it is not 0 when the
-    two agree, and its gradient is p_t instead of p_s - p_t)."""
+    """The distillation term on a target crop, at the official scale (averaged over pixels
+    and classes, like nn.KLDivLoss()'s default and the official expression below).
+
+    official=False: KL(p_teacher || p_student) / C averaged over the pixels where mask is
+    True (common.kl_divergence, the same scale as Eq. (12)).
+    official=True: the official code's expression (luyvlei/BiSMAPs
+    models/adaptation_model.py, CustomModel.step, distillation branch):
+    F.kl_div(softmax(student), softmax(teacher), reduction='none'), then summed and divided
+    by the count of a mask `teacher != 250` that holds for every element of the
+    probability tensor, i.e. the mean over all B*C*H*W elements. kl_div takes its input
+    as log-probabilities, so this is sum_c p_t (log p_t - p_s) / C: not a divergence (not
+    0 when the two agree, and its gradient is -p_t / C instead of (p_s - p_t) / C). Here
+    `mask` restricts the mean to valid pixels (all classes of each); without padding it
+    equals the official value."""
     if not official:
         return common.kl_divergence(teacher_logits, student_logits, mask)
     kl = F.kl_div(student_logits.float().softmax(1), teacher_logits.float().softmax(1),
-                  reduction="none").sum(1)                                 # (B, H, W)
+                  reduction="none").mean(1)                                # (B, H, W)
     return kl.mean() if mask is None else kl[mask].sum() / mask.sum().clamp(min=1)
 
 
@@ -96,13 +105,17 @@ def main(argv=None):
     g = p.add_argument_group("distillation (Sec. 4.3; ProDA)")
     g.add_argument("--rounds", type=int, default=2, help="distillation rounds (official pipeline: 2)")
     g.add_argument("--student-init", default="imagenet",
-                   help="student backbone: imagenet, none, or a torchvision-layout state dict "
-                        "(paper: SimCLRv2 ResNet-101; see the docstring)")
+                   help="student backbone: imagenet, none, warmup (the backbone of 02's "
+                        "source-trained model, a stand-in for the self-supervised SimCLRv2 "
+                        "start where no pre-trained weights exist, e.g. the toy data), or a "
+                        "torchvision-layout state dict (paper: SimCLRv2 ResNet-101; see the "
+                        "docstring). The head always starts fresh.")
     g.add_argument("--kd-weight", type=float, default=1.0,
-                   help="weight of the KL term (the paper is silent; 1.0)")
+                   help="weight of the distillation term, averaged over pixels and classes as in "
+                        "the official code (the paper is silent; official: 1.0)")
     g.add_argument("--official-kl", action="store_true",
-                   help="use the official code's kl_div(softmax(s), softmax(t)) (not a KL; for "
-                        "exact comparison with the published numbers)")
+                   help="use the official code's mean of kl_div(softmax(s), softmax(t)) (not a "
+                        "KL; for exact comparison with the published numbers)")
     g.add_argument("--alpha", type=float, default=0.1, help="alpha of Eq. (11)")
     g.add_argument("--beta", type=float, default=1.0, help="beta of Eq. (11)")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0],
@@ -110,10 +123,20 @@ def main(argv=None):
     g.add_argument("--conf-threshold", type=float, default=0.0,
                    help="ignore teacher pseudo labels below this confidence (0: keep all)")
     g.add_argument("--no-stm", action="store_true", help="uniform source weights")
+    p.set_defaults(warmup_iters=None)
     args = p.parse_args(argv)
+    if args.warmup_iters is None:  # official: 400 of 90,000 (configs/gta5_dill.yml lr_schedule)
+        args.warmup_iters = common.official_fraction(args.iters, 400)
     stage, device, rank, world = common.start(args, "06_distill")
     st = stage.use("05_selftrain")
     args.backbone = args.backbone or st["args"]["backbone"]
+    warm_init = None
+    if args.student_init == "warmup":
+        warm = stage.use("02_warmup")
+        if warm["args"]["backbone"] != args.backbone:
+            raise common.StageError(f"--student-init warmup: 02's backbone is {warm['args']['backbone']} "
+                                    f"but the student's is {args.backbone}")
+        warm_init = common.stage_dir(args.work, "02_warmup") / "model.pt"
     src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)
     targets = common.target_train_items(args.data)
     val = common.target_val_items(args.data)
@@ -140,7 +163,15 @@ def main(argv=None):
 
         # ============ 2. a fresh student ============
         common.seed_everything(args.seed + 1000 * r + rank)
-        model = common.build_model(args.backbone, args.student_init).to(device)
+        if warm_init is not None:  # 02's backbone, a fresh head
+            model = common.build_model(args.backbone, "none")
+            sd = common.load_checkpoint(warm_init, "02_warmup")["model"]
+            common.load_state_strict(model.backbone, {k[len("backbone."):]: v for k, v in sd.items()
+                                                      if k.startswith("backbone.")},
+                                     what=f"--student-init warmup ({warm_init})")
+            model = model.to(device)
+        else:
+            model = common.build_model(args.backbone, args.student_init).to(device)
         ddp = common.wrap_ddp(model, device)
         loaders = None
 

@@ -546,13 +546,17 @@ class DeepLabV3Plus(nn.Module):
         self.backbone.fc = nn.Identity()
         high = 512 if backbone in ("resnet18", "resnet34") else 2048
         low = high // 8
-        self.aspp = ASPP(high, [6, 12, 18], 256)  # includes its own dropout 0.5
+        self.aspp = ASPP(high, [6, 12, 18], 256)
+        # torchvision's ASPP ends in Dropout(0.5); the official BiSMAP ASPP has none
+        # (luyvlei/BiSMAPs models/deeplabv3_plus.py, ASPP.forward): its only dropout is the
+        # Dropout2d(0.1) before the classifier, which the EMA teacher switches off.
+        self.aspp.project[3] = nn.Identity()
         self.low_proj = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48),
                                       nn.ReLU(inplace=True))
         self.decoder = nn.Sequential(
             nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout2d(0.1)  # as the official decoder.last_conv[-2]
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
     def forward(self, x):  # x: (B, 3, H, W) normalised
@@ -936,7 +940,8 @@ def base_parser(doc, training=False):
         t.add_argument("--momentum", type=float, default=0.9)
         t.add_argument("--weight-decay", type=float, default=5e-4)
         t.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
-        t.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations")
+        t.add_argument("--warmup-iters", type=int, default=0,
+                       help="linear lr warm-up iterations at the start of the schedule")
         t.add_argument("--eval-every", type=int, default=2000, help="evaluate on target val every N iterations")
         t.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
         t.add_argument("--log-every", type=int, default=50)
@@ -997,17 +1002,26 @@ def make_optimizer(model, args):
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
+def official_fraction(iters, official, of=90000):
+    """`official` iterations of the official 90,000-iteration schedule, scaled to a
+    schedule of `iters` (so the real run gets exactly the official value and a short
+    run the same fraction of its schedule); at least 1 for a positive value."""
+    return max(1, round(official * iters / of)) if official > 0 else 0
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscapes",
-               extra_state=None, after_step=None, resume=False):
+               extra_state=None, after_step=None, resume=False, also_eval=None):
     """Run the training schedule shared by 02, 05 and 06.
 
     step_loss(it) -> (loss tensor, {name: float}) computes one iteration's loss on the
     (DDP-wrapped) model. extra_state: {name: (state_dict_fn, load_fn)} saved in
     checkpoints (e.g. the EMA teacher). after_step(it) runs after the optimizer step.
+    also_eval: {name: model} evaluated beside the model at every evaluation (e.g. 05's
+    EMA teacher); their mIoU goes into the log and the metrics as '<name>_miou'.
     Writes out_dir/last.pt every --save-every, best.pt on the best target-val mIoU and
     log.jsonl; resume=True continues from last.pt. Returns (final metrics, best metrics,
     final checkpoint state); the caller writes model.pt and the manifest."""
@@ -1039,6 +1053,16 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
                 "iteration": it, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                 "best": best, "rng": {"torch": torch.get_rng_state()},
                 "extra": {k: fn() for k, (fn, _) in (extra_state or {}).items()}}
+
+    def run_eval():
+        cm = evaluate(raw, eval_items, eval_kind, device, args.source,
+                      flip=args.eval_flip, rank=rank, world=world)
+        metrics = summarize_iou(cm, args.source)
+        for name, other in (also_eval or {}).items():
+            metrics[f"{name}_miou"] = summarize_iou(evaluate(
+                other, eval_items, eval_kind, device, args.source, flip=args.eval_flip,
+                rank=rank, world=world, desc=f"eval {name}"), args.source)["miou"]
+        return cm, metrics
 
     metrics = None
     for it in range(start, args.iters):
@@ -1072,11 +1096,12 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
                 f.write(json.dumps(rec) + "\n")
             hist, t_last, it_last = [], time.time(), done
         if done % args.eval_every == 0 or done == args.iters:
-            cm = evaluate(raw, eval_items, eval_kind, device, args.source,
-                          flip=args.eval_flip, rank=rank, world=world)
-            metrics = summarize_iou(cm, args.source)
+            cm, metrics = run_eval()
             if rank == 0:
                 print(iou_table(cm, args.source, f"target val after {done} iterations"), flush=True)
+                for name in also_eval or {}:
+                    print(f"{name}: target val mIoU {metrics[name + '_miou']:.1f} "
+                          f"(model {metrics['miou']:.1f})", flush=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"iter": done, "val": metrics}) + "\n")
                 if metrics["miou"] > best["miou"]:
@@ -1086,9 +1111,7 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             save_checkpoint(last, **state(done))
         barrier()
     if metrics is None:  # resumed at the end: evaluate once for the summary
-        cm = evaluate(raw, eval_items, eval_kind, device, args.source,
-                      flip=args.eval_flip, rank=rank, world=world)
-        metrics = summarize_iou(cm, args.source)
+        metrics = run_eval()[1]
     return metrics, best, state(args.iters)
 
 
@@ -1200,15 +1223,38 @@ def target_dataset(args, labels_dir, producer):
 
 
 def kl_divergence(teacher_logits, student_logits, mask=None):
-    """KL(p_teacher || p_student) per pixel, sum_c p~ (log p~ - log p) (Eq. (12)), averaged
-    over the pixels where mask is True. Log-probabilities for the student, probabilities
-    for the teacher: the form torch's kl_div expects (input = log q, target = p)."""
+    """Eq. (12) at the official scale: KL(p~ || p) = sum_c p~_c (log p~_c - log p_c) per
+    pixel, divided by the number of classes C and averaged over the pixels where mask is
+    True.
+
+    Why divide by C: the paper's lambda = 20 (Sec. 4.2) was tuned on the official code,
+    whose consistency term is torch's nn.KLDivLoss() with its default reduction 'mean',
+    i.e. the average over every (pixel, class) element (luyvlei/BiSMAPs
+    models/adaptation_model.py, CustomModel.step, the `loss_consist` line). That is the
+    per-pixel KL / C. Summing over classes instead would make lambda = 20 act like
+    lambda = 20 C = 380 in the official code. Log-probabilities for the student,
+    probabilities for the teacher: the form torch's kl_div expects (input = log q,
+    target = p)."""
     lt = teacher_logits.float().log_softmax(1)                 # (B, C, H, W)
     ls = student_logits.float().log_softmax(1)
-    kl = (lt.exp() * (lt - ls)).sum(1)                         # (B, H, W)  Eq. (12)
+    kl = (lt.exp() * (lt - ls)).sum(1) / lt.shape[1]           # (B, H, W)  Eq. (12), / C
     if mask is None:
         return kl.mean()
     return kl[mask].sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def teacher_forward(teacher, x):
+    """The mean teacher's forward as in the official code: batch norm in training mode,
+    so it normalises with the statistics of this target batch, and every dropout off
+    (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step: BaseNet_ema.train(),
+    then decoder.last_conv[-2].eval(), the Dropout2d before the classifier). The
+    running statistics it touches are overwritten by ema_update's buffer copy."""
+    teacher.train()
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return teacher(x)
 
 
 def upsample(logits, size):
