@@ -4,12 +4,17 @@ exactly the real on-disk formats, so every stage runs on a CPU in minutes.
     python toy_data.py --data data            # writes data/GTA5, data/SYNTHIA, data/cityscapes
     python toy_data.py --data data --scale 0.5 --count 0.5   # a smaller set (tests)
 
-Scenes are procedural street layouts (sky, buildings, road, sidewalks, vegetation,
-poles with lights and signs, people, riders, vehicles) holding all 19 Cityscapes
-classes across the set. The domains differ the way synthetic and real images do:
-the source is clean, saturated and sharp; the target has another palette, varying
-illumination, blur, sensor noise and vehicles of any colour. SYNTHIA has no terrain,
-truck or train, as the real SYNTHIA. Formats:
+Scenes are procedural street layouts in perspective (sky with clouds, buildings with
+window grids, a road with lane marks, tiled sidewalks, trees and grass, fences and
+walls, poles with three-lamp traffic lights and round, triangular or square signs,
+people with heads, clothes and legs, riders on two-wheelers, cars with cabins, windows
+and wheels, trucks, buses and trams with window rows), holding all 19 Cityscapes classes
+across the set. Objects vary in size with their distance and occlude each other far to
+near, so a network has to learn shapes and textures, not only colours. The domains
+differ the way synthetic and real images do: the source is clean, saturated and sharp,
+its vehicles mostly in their class colour; the target has another palette, varying
+exposure and illumination, blur, sensor noise, and vehicles of any colour. SYNTHIA has
+no terrain, truck or train, as the real SYNTHIA. Formats:
   GTA5/images/00001.png (RGB)         GTA5/labels/00001.png (8-bit palette PNG of labelIds)
   SYNTHIA/RAND_CITYSCAPES/RGB/0000001.png  GT/LABELS/0000001.png (16-bit 3-channel, id in R)
   cityscapes/leftImg8bit/{train,val}/<city>/<city>_000000_0000NN_leftImg8bit.png
@@ -33,104 +38,161 @@ R, SW, BLD, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERR, SKY, PERS, RIDER, CAR, TR
     TRAIN, MOTO, BIKE = range(19)
 
 
-# ============ scene layout: a trainId label map ============
+# ============ scene layout: a trainId label map and the parts to paint ============
+def _ellipse(lab, yy, xx, cy, cx, ry, rx, k):
+    """Fill an axis-aligned ellipse with class k (only its bounding box is computed)."""
+    ry, rx = max(ry, 0.5), max(rx, 0.5)
+    y0, y1 = max(0, int(cy - ry)), max(0, int(cy + ry) + 1)
+    x0, x1 = max(0, int(cx - rx)), max(0, int(cx + rx) + 1)
+    box = (slice(y0, y1), slice(x0, x1))
+    lab[box][((yy[box] - cy) / ry) ** 2 + ((xx[box] - cx) / rx) ** 2 < 1] = k
+
+
 def layout(h, w, rng, synthia=False):
-    """Draw one street scene as an (h, w) trainId map. 255 marks 'void' pixels."""
+    """Draw one street scene as an (h, w) trainId map (255 marks 'void' pixels) and the
+    parts that render() details: [(kind, y0, y1, x0, x1), ...]. Objects are drawn far to
+    near, so nearer ones occlude; their size follows the perspective of the road."""
     lab = np.full((h, w), SKY, np.uint8)
+    parts = []
     yy, xx = np.mgrid[0:h, 0:w]
     hor = int(h * rng.uniform(0.30, 0.42) if not synthia else h * rng.uniform(0.20, 0.32))
-    # buildings: blocks of random heights standing on the horizon
-    x = 0
+    gy = hor + h // 10                                           # where the ground starts
+    # buildings: blocks of random widths and heights (a few towers) standing on the ground
+    x = int(rng.integers(-w // 10, 1))
     while x < w:
-        bw = int(rng.integers(w // 10, w // 4))
-        top = int(rng.integers(max(1, hor - h // 3), max(2, hor - 2)))
-        lab[top:hor + h // 10, x:x + bw] = BLD
+        bw = int(rng.integers(w // 12, w // 4))
+        tall = rng.random() < 0.2
+        top = int(rng.integers(1, max(2, hor // 3))) if tall else \
+            int(rng.integers(max(1, hor - h // 3), max(2, hor - 2)))
+        x0, x1 = max(0, x), min(w, x + bw)
+        if x1 > x0:
+            lab[top:gy, x0:x1] = BLD
+            parts.append(("facade", top, gy, x0, x1))
         x += bw + int(rng.integers(0, w // 12))
-    # vegetation: tree crowns (ellipses) above the horizon
-    for _ in range(rng.integers(1, 4)):
-        cx, cy = rng.integers(0, w), rng.integers(hor - h // 6, hor + 1)
-        rx, ry = rng.integers(w // 20, w // 7), rng.integers(h // 12, h // 5)
-        lab[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1] = VEG
-    # ground: road in the middle, sidewalks, terrain at the far sides
-    gy = hor + h // 10
+    # vegetation: tree crowns (clusters of ellipses) with trunks, and hedges
+    for _ in range(rng.integers(1, 5)):
+        cx, cy = int(rng.integers(0, w)), int(rng.integers(hor - h // 6, hor + h // 12))
+        rx, ry = int(rng.integers(w // 25, w // 8)), int(rng.integers(h // 14, h // 5))
+        lab[cy:gy + h // 20, max(0, cx - 1):cx + 2] = VEG                 # the trunk
+        for _ in range(rng.integers(2, 5)):
+            _ellipse(lab, yy, xx, cy + rng.integers(-ry // 2, ry // 2 + 1),
+                     cx + rng.integers(-rx // 2, rx // 2 + 1), ry * rng.uniform(0.6, 1.0),
+                     rx * rng.uniform(0.6, 1.0), VEG)
+    # ground: road in the middle, sidewalks, terrain or hedges at the far sides
     t = np.clip((yy - gy) / max(1, h - gy), 0, 1)                # 0 at the far end, 1 at the bottom
-    half = w * (0.08 + 0.42 * t)                                # road half-width grows downwards
-    cx = w / 2 + rng.uniform(-0.1, 0.1) * w
+    half = w * (0.08 + 0.42 * t)                                 # road half-width grows downwards
+    cx = w / 2 + rng.uniform(-0.12, 0.12) * w
     ground = yy >= gy
     d = np.abs(xx - cx)
     lab[ground] = SW
     lab[ground & (d < half)] = R
+    parts.append(("road", gy, h, int(cx), int(cx) + 1))
     if not synthia and rng.random() < 0.7:
-        lab[ground & (d > half * 1.6)] = TERR
+        lab[ground & (d > half * rng.uniform(1.4, 1.9))] = TERR
     elif rng.random() < 0.5:
         lab[ground & (d > half * 1.8)] = VEG
     # wall and fence: low bands in front of the buildings
     if rng.random() < 0.6:
         x0 = int(rng.integers(0, w // 2)); x1 = x0 + int(rng.integers(w // 6, w // 3))
-        lab[gy - h // 12:gy, x0:x1] = WALL
+        lab[gy - int(h * rng.uniform(0.05, 0.12)):gy, x0:x1] = WALL
     if rng.random() < 0.6:
-        x0 = int(rng.integers(w // 2, w)); x1 = x0 + int(rng.integers(w // 6, w // 3))
-        band = (yy >= gy - h // 14) & (yy < gy) & (xx >= x0) & (xx < x1) & ((xx // 2) % 2 == 0)
+        x0 = int(rng.integers(w // 3, w)); x1 = x0 + int(rng.integers(w // 6, w // 3))
+        fh = int(h * rng.uniform(0.05, 0.09))
+        band = (yy >= gy - fh) & (yy < gy) & (xx >= x0) & (xx < x1) & \
+            (((xx // 2) % 3 == 0) | (yy == gy - fh) | (yy == gy - fh // 2))
         lab[band] = FENCE
-    # poles with traffic lights and signs
-    for _ in range(rng.integers(1, 4)):
-        px = int(rng.integers(2, w - 3)); ptop = int(rng.integers(h // 8, hor))
-        pb = int(rng.integers(gy, min(h, gy + h // 5)))
-        lab[ptop:pb, px:px + max(1, w // 120)] = POLE
-        if rng.random() < 0.5:
-            lab[ptop:ptop + h // 14, px - w // 80:px + w // 80 + 1] = LIGHT
-        else:
-            s = h // 16
-            lab[ptop + 2:ptop + 2 + s, px - s // 2:px + s // 2 + 1] = SIGN
     # train on the far road (GTA5 and Cityscapes only)
-    if not synthia and rng.random() < 0.15:
-        x0 = int(rng.integers(0, w // 2))
-        lab[gy - h // 8:gy + h // 14, x0:x0 + w // 2] = TRAIN
-    # vehicles on the road, bigger further down
-    kinds = [CAR, CAR, CAR, BUS] + ([] if synthia else [TRUCK, TRUCK])
+    if not synthia and rng.random() < 0.2:
+        x0 = int(rng.integers(-w // 4, w // 2)); th = int(h * rng.uniform(0.10, 0.16))
+        lab[gy - th:gy + h // 20, max(0, x0):x0 + w // 2] = TRAIN
+        parts.append(("train", gy - th, gy + h // 20, max(0, x0), min(w, x0 + w // 2)))
+    # poles with traffic lights and signs (round, triangular or square)
     for _ in range(rng.integers(1, 5)):
-        k = kinds[rng.integers(len(kinds))]
-        vy = int(rng.integers(gy + 2, h - 2))
-        sz = 0.3 + 0.9 * (vy - gy) / max(1, h - gy)
-        vw = int(w * {CAR: 0.10, TRUCK: 0.13, BUS: 0.18}[k] * sz) + 3
-        vh = int(h * {CAR: 0.07, TRUCK: 0.14, BUS: 0.13}[k] * sz) + 3
-        vx = int(cx + rng.uniform(-0.8, 0.8) * np.interp(vy, [gy, h], [w * 0.08, w * 0.5]))
-        y0, x0 = max(0, vy - vh), max(0, vx - vw // 2)
-        lab[y0:vy, x0:vx + vw // 2] = k
-        if k == CAR:  # a rounded roof
-            lab[max(0, y0 - vh // 3):y0, x0 + vw // 5:vx + vw // 4] = k
-    # people on the sidewalks, riders on two-wheelers
-    for _ in range(rng.integers(1, 5)):
-        py = int(rng.integers(gy + 2, h - 1))
-        sz = 0.4 + 0.8 * (py - gy) / max(1, h - gy)
-        ph, pw = int(h * 0.16 * sz) + 3, int(w * 0.018 * sz) + 2
-        side = rng.choice([-1, 1])
-        px = int(np.clip(cx + side * np.interp(py, [gy, h], [w * 0.1, w * 0.55]), 2, w - 3))
-        if rng.random() < 0.35:  # rider on a bicycle or motorcycle
-            wheel = MOTO if rng.random() < 0.5 else BIKE
-            lab[py - ph // 3:py, px - 2 * pw:px + 2 * pw] = wheel
-            lab[py - ph:py - ph // 3, px - pw // 2:px + pw // 2 + 1] = RIDER
-            lab[py - ph - pw:py - ph, px - pw // 3:px + pw // 3 + 1] = RIDER
+        px = int(rng.integers(2, w - 3)); ptop = int(rng.integers(h // 10, hor))
+        pb = int(rng.integers(gy, min(h, gy + h // 4)))
+        pw = max(2, int(w * rng.uniform(0.012, 0.022)))
+        lab[ptop:pb, px:px + pw] = POLE
+        s = int(h * rng.uniform(0.06, 0.10)) + 3
+        if rng.random() < 0.5:
+            lab[ptop:ptop + 2 * s, px - s // 3:px + s // 3 + pw] = LIGHT
+            parts.append(("light", ptop, ptop + 2 * s, px - s // 3, px + s // 3 + pw))
         else:
-            lab[max(0, py - ph):py, px - pw // 2:px + pw // 2 + 1] = PERS
-            lab[max(0, py - ph - pw):max(0, py - ph), px - pw // 3:px + pw // 3 + 1] = PERS
-    # a few void pixels (the real labels have unlabelled regions)
+            sy, sx = ptop + s // 2 + 1, px + pw // 2
+            shape = rng.integers(3)
+            if shape == 0:
+                _ellipse(lab, yy, xx, sy, sx, s / 2, s / 2, SIGN)
+            elif shape == 1:
+                lab[(yy >= sy - s // 2) & (yy <= sy + s // 2)
+                    & (np.abs(xx - sx) <= (yy - sy + s // 2) / 2 + 0.5)] = SIGN
+            else:
+                lab[sy - s // 2:sy + s // 2 + 1, sx - s // 2:sx + s // 2 + 1] = SIGN
+            parts.append(("sign", sy - s // 2, sy + s // 2 + 1, sx - s // 2, sx + s // 2 + 1))
+    # road users, far to near: vehicles on the road, people and riders on the sidewalks
+    kinds = [CAR, CAR, CAR, BUS] + ([] if synthia else [TRUCK, TRUCK])
+    users = [("veh", int(rng.integers(gy + 2, h + h // 8))) for _ in range(rng.integers(1, 6))]
+    users += [("ped", int(rng.integers(gy + 2, h + h // 10))) for _ in range(rng.integers(1, 6))]
+    for kind, vy in sorted(users, key=lambda u: u[1]):
+        sz = (0.4 + 1.0 * (vy - gy) / max(1, h - gy)) * rng.uniform(0.8, 1.25)
+        if kind == "veh":
+            k = kinds[rng.integers(len(kinds))]
+            vw = int(w * {CAR: 0.11, TRUCK: 0.14, BUS: 0.2}[k] * sz) + 3
+            vh = int(h * {CAR: 0.08, TRUCK: 0.15, BUS: 0.15}[k] * sz) + 3
+            vx = int(cx + rng.uniform(-0.9, 0.9) * np.interp(vy, [gy, h], [w * 0.08, w * 0.5]))
+            y0, x0, x1 = max(0, vy - vh), max(0, vx - vw // 2), min(w, vx + vw // 2)
+            lab[y0:vy, x0:x1] = k
+            if k == CAR:  # the cabin, narrower than the body
+                ry0 = max(0, y0 - vh // 2)
+                lab[ry0:y0, x0 + vw // 6:max(x0 + vw // 6 + 1, x1 - vw // 6)] = k
+                y0 = ry0
+            parts.append(({CAR: "car", TRUCK: "truck", BUS: "bus"}[k], y0, vy, x0, x1))
+        else:
+            ph, pw = int(h * 0.22 * sz) + 5, int(w * 0.026 * sz) + 3
+            side = rng.choice([-1, 1])
+            px = int(np.clip(cx + side * np.interp(vy, [gy, h], [w * 0.1, w * 0.55])
+                             + rng.uniform(-0.05, 0.05) * w, 2, w - 3))
+            if rng.random() < 0.35:  # a rider on a bicycle or motorcycle
+                wheel = MOTO if rng.random() < 0.5 else BIKE
+                r = max(1, ph // 6)
+                for wx in (px - 2 * pw, px + 2 * pw):
+                    _ellipse(lab, yy, xx, vy - r, wx, r, r, wheel)
+                lab[vy - 2 * r - max(1, r // 2):vy - r, px - 2 * pw:px + 2 * pw] = wheel  # frame
+                lab[vy - ph:vy - 2 * r, px - pw // 2:px + pw // 2 + 1] = RIDER
+                _ellipse(lab, yy, xx, vy - ph - pw // 2, px, pw / 2 + 0.5, pw / 2 + 0.5, RIDER)
+                parts.append(("rider", vy - ph - pw, vy - 2 * r, px - pw // 2, px + pw // 2 + 1))
+                parts.append(("wheels", vy - 2 * r, vy, px - 2 * pw - r, px + 2 * pw + r))
+            else:
+                lab[max(0, vy - ph):vy - ph // 2, px - pw // 2:px + pw // 2 + 1] = PERS   # torso
+                leg = max(1, pw // 3)
+                lab[vy - ph // 2:vy, px - pw // 2:px - pw // 2 + leg] = PERS              # legs
+                lab[vy - ph // 2:vy, px + pw // 2 + 1 - leg:px + pw // 2 + 1] = PERS
+                _ellipse(lab, yy, xx, vy - ph - pw // 2, px, pw / 2 + 0.5, pw / 2 + 0.5, PERS)
+                parts.append(("person", vy - ph - pw, vy, px - pw // 2, px + pw // 2 + 1))
+    # a few void pixels (the real labels have unlabelled regions, e.g. the ego car)
     if rng.random() < 0.3:
         lab[h - h // 20:, : w // 6] = 255
-    return lab
+    return lab, parts
 
 
-# ============ appearance: colour, texture, and the domain shift ============
+# ============ appearance: colour, texture, shading, and the domain shift ============
 BASE = np.array([  # a 'rendered' colour per class, not the evaluation palette
     (110, 100, 115), (190, 150, 190), (140, 110, 90), (160, 160, 130), (150, 120, 100),
-    (170, 170, 170), (230, 180, 40), (230, 230, 40), (60, 140, 40), (150, 200, 100),
+    (170, 170, 170), (60, 60, 60), (230, 230, 40), (60, 140, 40), (150, 200, 100),
     (110, 170, 235), (220, 40, 60), (250, 90, 40), (40, 40, 180), (30, 70, 90),
     (40, 110, 150), (90, 110, 120), (120, 40, 200), (160, 30, 70)], np.float32)
-TEXTURE = np.array([2, 10, 14, 8, 12, 4, 3, 3, 22, 16, 2, 6, 6, 5, 6, 6, 8, 7, 7], np.float32)
+GRAIN = np.array([3, 6, 8, 8, 6, 3, 2, 2, 10, 12, 2, 4, 4, 4, 4, 4, 4, 4, 4], np.float32)
 
 
-def render(lab, rng, target):
-    """Paint a label map. target=False: clean synthetic look; True: the 'real' camera."""
+def _smooth_noise(h, w, cell, rng):
+    """Value noise: a coarse random grid, bilinearly upsampled (values about N(0, 1))."""
+    gh, gw = max(2, h // cell + 2), max(2, w // cell + 2)
+    g = Image.fromarray(rng.normal(0, 1, (gh, gw)).astype(np.float32), mode="F")
+    return np.asarray(g.resize((w, h), Image.BILINEAR), np.float32)
+
+
+def render(lab, parts, rng, target):
+    """Paint a label map. target=False: clean synthetic look; True: the 'real' camera.
+    Classes carry texture and structure (windows, lane marks, tiles, foliage, wheels,
+    faces), not only a colour, so a network can tell them apart by shape."""
     h, w = lab.shape
     cls = np.where(lab == 255, 2, lab)
     col = BASE.copy()
@@ -141,16 +203,76 @@ def render(lab, rng, target):
         col = col @ mix.T * 0.85 + 20
         col[VEG] = (95, 125, 60); col[SKY] = (170, 185, 200); col[R] = (95, 92, 90)
     img = col[cls] + rng.normal(0, 6, 3).astype(np.float32)     # per-image tint
-    if target:
-        for k in (CAR, TRUCK, BUS):
-            m = lab == k
-            if m.any():
-                img[m] = rng.uniform(30, 220, 3)
-    # per-class texture: stripes and grain of class-specific strength
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    stripes = np.sin(xx * 0.9 + yy * 0.4) * np.sin(yy * 0.7)
-    grain = rng.normal(0, 1, (h, w)).astype(np.float32)
-    img += (TEXTURE[cls] * (0.6 * stripes + 0.4 * grain))[..., None]
+    # stuff textures: foliage blobs, grass, clouds, asphalt and facade weathering
+    foliage = _smooth_noise(h, w, 3, rng)
+    img[lab == VEG] += (18 * foliage)[lab == VEG][:, None]
+    img[lab == TERR] += (10 * _smooth_noise(h, w, 2, rng))[lab == TERR][:, None]
+    sky = lab == SKY
+    img[sky] += (25 * np.clip(_smooth_noise(h, w, 12, rng), 0, None) - 20 * (yy / h))[sky][:, None]
+    img += (GRAIN[cls] * rng.normal(0, 1, (h, w)).astype(np.float32))[..., None]
+    for kind, y0, y1, x0, x1 in parts:
+        bh, bw = max(1, y1 - y0), max(1, x1 - x0)
+        box = (slice(max(0, y0), max(0, y1)), slice(max(0, x0), max(0, x1)))
+        sub, m = img[box], lab[box]
+        by, bx = yy[box] - y0, xx[box] - x0
+        if kind == "facade":  # a window grid, darker lower floors, a lit or dark window
+            fy, fx = max(4, int(rng.integers(5, 9))), max(4, int(rng.integers(5, 10)))
+            win = ((by % fy) >= fy // 3) & ((bx % fx) >= fx // 3) & (by > 2) & (bx > 1) & (bx < bw - 2)
+            shade = rng.uniform(0.35, 0.6)
+            sel = win & (m == BLD)
+            sub[sel] = sub[sel] * shade + (rng.uniform(0, 60) if target else 25)
+            sub[m == BLD] *= (1 - 0.15 * (bx[m == BLD] / bw))[:, None]  # side light
+        elif kind == "road":  # a dashed centre line and a lane edge, in perspective
+            cx0 = x0
+            dash = ((yy[box] // 5) % 2 == 0)
+            line = (np.abs(xx[box] - cx0) <= 0.5 + 0.012 * (yy[box] - y0)) & dash & (m == R)
+            sub[line] = (225, 225, 210)
+            tiles = (m == SW) & (((yy[box] + 1) % 6 == 0) | (((xx[box] + yy[box] // 6 * 3) % 9) == 0))
+            sub[tiles] *= 0.8
+        elif kind in ("car", "truck", "bus", "train"):
+            k = {"car": CAR, "truck": TRUCK, "bus": BUS, "train": TRAIN}[kind]
+            body = m == k
+            if target or rng.random() < 0.3:   # paint: any colour in the target, mostly class colour in the source
+                sub[body] = rng.uniform(30, 220, 3) + 6 * rng.normal(0, 1, (int(body.sum()), 3))
+            glass = (30, 40, 55) if not target else (45, 50, 55)
+            if kind == "car":   # windows in the cabin (upper third), wheels at the bottom
+                sub[body & (by < bh * 0.33) & (bx > bw * 0.25) & (bx < bw * 0.75)] = glass
+            elif kind in ("bus", "train"):  # a row of windows and a stripe
+                sub[body & (by > bh * 0.2) & (by < bh * 0.5) & ((bx % 7) > 1)] = glass
+                sub[body & (by > bh * 0.65) & (by < bh * 0.72)] *= 0.6
+            else:               # truck: a windscreen on one side of the cab
+                sub[body & (by < bh * 0.3) & (bx > bw * 0.7)] = glass
+            if kind != "train":
+                r = max(1, bh // 5)
+                for wx in (bw * 0.2, bw * 0.8):
+                    sub[body & ((by - (bh - r)) ** 2 + (bx - wx) ** 2 <= r * r)] = (20, 20, 22)
+        elif kind in ("person", "rider"):
+            k = PERS if kind == "person" else RIDER
+            body = m == k
+            sub[body & (by >= bh * 0.2)] = rng.uniform(30, 230, 3)          # clothes, any colour
+            sub[body & (by >= bh * 0.6)] = rng.uniform(20, 90, 3)           # trousers, darker
+            sub[body & (by < bh * 0.2)] = (200, 160, 130) if not target else (190, 160, 140)
+            if kind == "rider":   # a helmet-like top, in the class colour
+                sub[body & (by < bh * 0.1)] = col[RIDER]
+        elif kind == "wheels":
+            for k in (MOTO, BIKE):
+                sel = m == k
+                sub[sel] = sub[sel] * 0.5 + 10
+        elif kind == "light":  # three lamps in a dark box
+            for q, lamp in enumerate(((220, 40, 30), (230, 170, 20), (40, 200, 60))):
+                sel = (m == LIGHT) & (by >= bh * q / 3 + 1) & (by < bh * (q + 1) / 3 - 1) & \
+                    (np.abs(bx - bw / 2) < bw / 4 + 0.5)
+                sub[sel] = lamp if (q == rng.integers(3)) else np.array(lamp) * 0.35
+        elif kind == "sign":  # a white border and a coloured face
+            face = rng.choice([0, 1, 2])
+            sel = m == SIGN
+            sub[sel] = ((230, 230, 40), (200, 40, 40), (40, 80, 200))[face]
+            edge = sel & ((by < 1) | (by >= bh - 1) | (bx < 1) | (bx >= bw - 1))
+            sub[edge] = (235, 235, 235)
+        img[box] = sub
+    # shading: the scene is lit from above; shadows under vehicles on the road
+    img *= (1.05 - 0.15 * (yy / h))[..., None]
     if target:
         # illumination: a vertical gradient and a per-image exposure
         gain = rng.uniform(0.65, 1.15) * (1 - 0.25 * rng.random() * (yy / h))
@@ -158,7 +280,6 @@ def render(lab, rng, target):
         img = _blur(img, rng.uniform(0.6, 1.2))
         img += rng.normal(0, 7, img.shape)
     return img.clip(0, 255).astype(np.uint8)
-
 
 
 def _blur(img, sigma):
@@ -187,8 +308,8 @@ def write_gta5(root, n, size, rng):
         lut[t] = i
     for k in range(1, n + 1):
         w, h = size
-        lab = layout(h, w, rng)
-        img = render(lab, rng, target=False)
+        lab, parts = layout(h, w, rng)
+        img = render(lab, parts, rng, target=False)
         name = f"{k:05d}.png"
         Image.fromarray(img).save(root / "images" / name)
         if k == n:        # like the real GTA5: a label is missing
@@ -209,8 +330,8 @@ def write_synthia(root, n, size, rng):
         lut[t] = s
     for k in range(1, n + 1):
         w, h = size
-        lab = layout(h, w, rng, synthia=True)
-        img = render(lab, rng, target=False)
+        lab, parts = layout(h, w, rng, synthia=True)
+        img = render(lab, parts, rng, target=False)
         img = (img.astype(np.float32) * 0.9 + 15).astype(np.uint8)  # SYNTHIA renders flatter
         name = f"{k:07d}.png"
         Image.fromarray(img).save(root / "RGB" / name)
@@ -230,8 +351,8 @@ def write_cityscapes(root, split, cities, per_city, size, rng):
         (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
         for k in range(per_city):
             w, h = size
-            lab = layout(h, w, rng)
-            img = render(lab, rng, target=True)
+            lab, parts = layout(h, w, rng)
+            img = render(lab, parts, rng, target=True)
             stem = f"{city}_000000_{k:06d}"
             Image.fromarray(img).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             ids = lut[lab]
@@ -255,10 +376,10 @@ def main(argv=None):
 
     def cnt(n):
         return max(4, int(round(n * a.count)))
-    write_gta5(data / "GTA5", cnt(48), sz(240, 132), rng)
-    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", cnt(40), sz(224, 132), rng)
-    write_cityscapes(data / "cityscapes", "train", ["aachen", "bochum", "zurich"], cnt(14), sz(256, 128), rng)
-    write_cityscapes(data / "cityscapes", "val", ["frankfurt", "lindau"], cnt(6), sz(256, 128), rng)
+    write_gta5(data / "GTA5", cnt(64), sz(240, 132), rng)
+    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", cnt(48), sz(224, 132), rng)
+    write_cityscapes(data / "cityscapes", "train", ["aachen", "bochum", "zurich"], cnt(16), sz(256, 128), rng)
+    write_cityscapes(data / "cityscapes", "val", ["frankfurt", "lindau"], cnt(7), sz(256, 128), rng)
     print(f"toy datasets written to {data}/ (GTA5, SYNTHIA/RAND_CITYSCAPES, cityscapes) "
           f"in {time.time() - t0:.1f}s")
 
