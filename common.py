@@ -50,8 +50,8 @@ CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 
 TRAIN_TO_CITYSCAPES_ID = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items()}
 # SYNTHIA-RAND-CITYSCAPES class id (R channel of GT/LABELS) -> trainId: the official
 # table (luyvlei/BiSMAPs data/synthia_dataset.py l.104-106, the same in ProDA), which also
-# maps SYNTHIA's terrain (16), truck (18) and train (20), classes SYNTHIA has few pixels
-# of and the 16/13-class protocol leaves out of the mean. Effect: such pixels train those
+# maps SYNTHIA's terrain (16), truck (18) and train (20), classes that are rare in SYNTHIA
+# and that the 16/13-class protocol leaves out of the mean. Effect: such pixels train those
 # classes instead of being ignored (so the model may predict terrain/truck/train on the
 # target, and such a prediction is a miss for the true class); the evaluation itself is
 # unchanged (EVAL_CLASSES["16"] and ["13"] never include them). Ids 0 (void), 13
