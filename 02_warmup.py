@@ -38,7 +38,8 @@ def main(argv=None):
 
     # ============ data and model ============
     ds = common.SegDataset(items, common.label_kind(args.source), crop=tuple(args.crop),
-                           scale=tuple(args.scale), jitter=args.jitter, image_for=image_for)
+                           scale=tuple(args.scale), jitter=args.jitter, image_for=image_for,
+                           base=common.base_resize(args, args.source))
     model = common.build_model(args.backbone, args.weights).to(device)
     ddp = common.wrap_ddp(model, device)
     loader = None

@@ -32,8 +32,10 @@ Writes: work/04_stm/
 Real data (one GPU; ImageNet weights are downloaded by torchvision on first use):
     python 04_stm.py --data data --work work --source gta5
   several GPUs:   torchrun --nproc_per_node 4 04_stm.py --data data --work work
-  the paper's encoder (SimCLRv2 ResNet-152 1x, converted to torchvision's layout):
-    python 04_stm.py --encoder-weights r152_1x_sk0.pth
+  the paper's encoder (SimCLRv2 ResNet-152 1x with selective kernels, the file written by the
+  public converter, README.md "Real data"), fed as the official code feeds it ([0, 1] pixels,
+  256x128 input, (1, 2) average pool: see SIMCLR_INPUT below for the lines followed):
+    python 04_stm.py --encoder simclr-r152-1x-sk1 --encoder-weights pretrained/r152_1x_sk1.pth
 Toy data (CPU, well under a minute; offline, so a random encoder: NOT the paper's setting):
     python 04_stm.py --data data --work work --encoder resnet18 --encoder-weights none \\
         --encoder-scale 2 --clusters 8 --samples 20000 --workers 0
@@ -58,6 +60,18 @@ from tqdm import tqdm
 import common
 
 ENCODERS = {"resnet152": 2048, "resnet50": 2048, "resnet18": 512}  # name -> feature dim
+# The paper's E-hat: SimCLRv2 ResNets in the public converter's layout (common.SimCLRResNet);
+# simclr-r152-1x-sk1 is the one the official code uses (source_transferability_map.py l.26-27).
+ENCODERS.update({f"simclr-r{d}-{w}x-sk{k}": 2048 * w for d in (50, 101, 152) for w in (1, 2)
+                 for k in (0, 1)})
+# How the official feature extractor feeds the SimCLRv2 E-hat (luyvlei/BiSMAPs):
+#   pixels in [0, 1], no mean/std (configs/gta5_stm.yml l.10-12: img_norm, mean 0, std 1);
+#   every image resized (PIL bilinear) to 256x128 (configs/gta5_stm.yml l.7-8 img_rows 128,
+#   img_cols 256, applied in data/gta5_dataset.py and cityscapes_dataset.py __getitem__);
+#   the layer4 map (output stride 32: 8x4) average-pooled over (1, 2) windows to 4x4
+#   (source_transferability_map.py l.30 AvgPool2d(kernel_size=(1, 2), stride=(1, 2)), l.38).
+SIMCLR_INPUT = {"pixels": "unit", "size": (256, 128), "pool": (1, 2)}
+TORCHVISION_INPUT = {"pixels": "imagenet", "size": None, "pool": (1, 1)}
 
 
 # ============================================================================
@@ -181,31 +195,66 @@ def stm_files(stage_dir):
 # ============================================================================
 # The third-party encoder E-hat
 # ============================================================================
-def build_encoder(name="resnet152", weights="imagenet", stride=32):
-    """E-hat: a torchvision ResNet up to layer4 (no pooling, no fc); (B, 3, H, W) ->
-    (B, d, H/stride, W/stride), d = 2048 (resnet152/50) or 512 (resnet18).
+def build_encoder(name="resnet152", weights="imagenet", stride=32, size=None):
+    """E-hat: a ResNet up to layer4 (no pooling, no fc); (B, 3, H, W) ->
+    (B, d, H/stride, W/stride), d = 2048 (resnet152/50, SimCLRv2 1x), 4096 (2x), 512 (resnet18).
 
-    weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded on first use), 'none'
-    (random init), or a path to a torchvision-layout state dict, loaded strictly (a
-    missing `fc.` is fine). stride 16 dilates layer4 instead of striding it (resnet50/152:
-    torchvision's BasicBlock of resnet18 has no dilation)."""
+    torchvision ResNets: weights 'imagenet' (torchvision's IMAGENET1K_V1, downloaded on
+    first use), 'none' (random init), or a torchvision-layout state dict, loaded strictly
+    (a missing `fc.` is fine); ImageNet-normalised input at the image's own size.
+    simclr-r<depth>-<w>x-sk<0|1>: a SimCLRv2 ResNet; weights 'none' or the converter's file
+    (r152_1x_sk1.pth), loaded strictly (common.load_simclr); input prepared as the official
+    feature extractor does (SIMCLR_INPUT): [0, 1] pixels, resized to 256x128, features
+    average-pooled over (1, 2). `size` = (W, H) overrides the input size for either kind.
+    The encoder carries its input recipe as `.input_spec` (read by encode()).
+    stride 16 dilates layer4 instead of striding it (not resnet18: torchvision's BasicBlock
+    has no dilation)."""
     if name not in ENCODERS:
         raise ValueError(f"--encoder must be one of {list(ENCODERS)}, got {name!r}")
-    net = common.build_resnet(name, weights, output_stride=stride, flag="--encoder-weights")
-    enc = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                        net.layer1, net.layer2, net.layer3, net.layer4)
+    if name.startswith("simclr-"):
+        enc = common.build_simclr(name, weights, output_stride=stride, what="--encoder-weights").net
+        spec = dict(SIMCLR_INPUT)
+    else:
+        net = common.build_resnet(name, weights, output_stride=stride, flag="--encoder-weights")
+        enc = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                            net.layer1, net.layer2, net.layer3, net.layer4)
+        spec = dict(TORCHVISION_INPUT)
+    if size is not None:
+        spec["size"] = tuple(int(v) for v in size)
+    enc.input_spec = spec
     return enc.eval()
+
+
+def encoder_input(encoder, img_u8, scale=1.0):
+    """The tensor E-hat sees for one (3, H, W) uint8 image: (1, 3, h, w) float, following
+    encoder.input_spec: ImageNet-normalised or [0, 1] pixels; resized to spec['size'] (W, H)
+    when set (bilinear with antialiasing, as PIL's resize), else by `scale`."""
+    spec = getattr(encoder, "input_spec", TORCHVISION_INPUT)
+    if spec["pixels"] == "unit":
+        x = img_u8[None].float() / 255.0                               # (1, 3, H, W) in [0, 1]
+    else:
+        x = common.normalize(img_u8[None])                             # (1, 3, H, W)
+    if spec["size"] is not None:
+        w, h = spec["size"]
+        if tuple(x.shape[-2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                              antialias=h < x.shape[-2] or w < x.shape[-1])
+    elif scale != 1.0:
+        x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
+                          antialias=scale < 1.0)
+    return x
 
 
 @torch.no_grad()
 def encode(encoder, img_u8, scale=1.0, amp=True):
-    """E-hat features of one image: (3, H, W) uint8 on the device -> ((h*w, d) float32, (h, w))."""
-    x = common.normalize(img_u8[None])                                 # (1, 3, H, W)
-    if scale != 1.0:
-        x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
-                          antialias=scale < 1.0)
+    """E-hat features of one image: (3, H, W) uint8 on the device -> ((h*w, d) float32, (h, w)).
+    Input preparation and output pooling follow encoder.input_spec (build_encoder)."""
+    x = encoder_input(encoder, img_u8, scale)                          # (1, 3, h', w')
     with common.autocast(x.device, amp):
         f = encoder(x).float()                                         # (1, d, h, w)
+    pool = getattr(encoder, "input_spec", TORCHVISION_INPUT)["pool"]
+    if tuple(pool) != (1, 1):
+        f = F.avg_pool2d(f, kernel_size=pool, stride=pool)             # (1, d, h/ph, w/pw)
     if not torch.isfinite(f).all():
         raise FloatingPointError("E-hat features are not finite (fp16 overflow? try --no-amp)")
     return f[0].flatten(1).T, tuple(f.shape[-2:])                      # (h*w, d)
@@ -231,11 +280,13 @@ def sample_quotas(total, n_images):
     return [base + (k < rem) for k in range(n_images)]
 
 
-def feature_positions(size, scale=1.0, stride=32):
+def feature_positions(size, scale=1.0, stride=32, input_size=None, pool=(1, 1)):
     """Positions of E-hat's feature map for an image of size (W, H): every stride-2 layer of
-    a ResNet maps n to ceil(n / 2), so it is ceil(floor(H scale) / stride) x the same for W."""
-    w, h = (math.floor(v * scale) for v in size)
-    return math.ceil(h / stride) * math.ceil(w / stride)
+    a ResNet maps n to ceil(n / 2), so it is ceil(floor(H scale) / stride) x the same for W;
+    with a fixed input_size (W, H) the image size does not matter; a (ph, pw) average pool
+    then divides each side (rounding down)."""
+    w, h = input_size if input_size is not None else (math.floor(v * scale) for v in size)
+    return (math.ceil(h / stride) // pool[0]) * (math.ceil(w / stride) // pool[1])
 
 
 def sample_target_features(encoder, paths, quotas, args, device, rng, dim):
@@ -277,7 +328,9 @@ def prototypes_step(args, stage, encoder, targets, device, timings):
         t0 = time.time()
         rng = np.random.default_rng([args.seed, rank])
         paths = [p for p, _ in targets[rank::world]]
-        quotas = [min(q, feature_positions(common.image_size(p), args.encoder_scale, args.encoder_stride))
+        spec = encoder.input_spec
+        quotas = [min(q, feature_positions(common.image_size(p), args.encoder_scale, args.encoder_stride,
+                                           spec["size"], spec["pool"]))
                   for q, p in zip(sample_quotas(args.samples, len(targets))[rank::world], paths)]
         X = sample_target_features(encoder, paths, quotas, args, device, rng, ENCODERS[args.encoder])
         if world > 1:  # ranks hand their samples to rank 0 through files (variable sizes)
@@ -545,19 +598,29 @@ def loud_warning(msg):
 def main(argv=None):
     p = common.base_parser(__doc__)
     g = p.add_argument_group("target prototypes (Sec. 3.4, 4.2)")
-    g.add_argument("--encoder", default="resnet152", choices=list(ENCODERS),
-                   help="E-hat, the third-party encoder (paper: ResNet-152, Sec. 4.2); resnet50/18 "
-                        "for small runs. Features: layer4 output, 2048-d (512-d for resnet18)")
+    g.add_argument("--encoder", default="resnet152", choices=list(ENCODERS), metavar="NAME",
+                   help="E-hat, the third-party encoder. The paper's (Sec. 4.2, and the official "
+                        "code): simclr-r152-1x-sk1 with --encoder-weights r152_1x_sk1.pth (the "
+                        "SimCLRv2 converter's file; README.md); any simclr-r{50,101,152}-{1,2}x-sk{0,1}. "
+                        "torchvision: resnet152 (default), resnet50, resnet18 (small runs). "
+                        "Features: layer4 output, 2048-d (512-d resnet18, 4096-d SimCLRv2 2x)")
     g.add_argument("--encoder-weights", default="imagenet",
-                   help="imagenet (torchvision's supervised ImageNet weights, downloaded once), none "
-                        "(random init: toy runs only, NOT the paper's setting), or a path to a "
-                        "torchvision-layout state dict (the paper: SimCLRv2 ResNet-152, Sec. 4.2)")
+                   help="imagenet (torchvision's supervised ImageNet weights, downloaded once; not "
+                        "for simclr-*), none (random init: toy runs only, NOT the paper's setting), "
+                        "or a file: the SimCLRv2 converter's r152_1x_sk1.pth for simclr-*, a "
+                        "torchvision-layout state dict otherwise; loaded strictly")
+    g.add_argument("--encoder-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="resize every image to W x H before E-hat. Default: 256 128 for simclr-* "
+                        "(the official feature extractor; with its (1, 2) average pool this gives "
+                        "4x4 features per image), the image's own size (times --encoder-scale) "
+                        "for torchvision encoders")
     g.add_argument("--encoder-stride", type=int, default=32, choices=[32, 16],
                    help="output stride of E-hat: 32 (plain ResNet) or 16 (layer4 dilated: "
                         "4x the positions, a finer STM, 4x the distance maps)")
     g.add_argument("--encoder-scale", type=float, default=1.0,
                    help="resize images by this factor before E-hat (<1 saves time on the real "
-                        "data; >1 gives the tiny toy images more than a few feature positions)")
+                        "data; >1 gives the tiny toy images more than a few feature positions); "
+                        "not used when an input size is set (--encoder-size, simclr-* encoders)")
     g.add_argument("--clusters", type=int, default=40,
                    help="J, the number of target prototypes (Sec. 3.4; the paper leaves J open, "
                         "the official code uses 40)")
@@ -606,7 +669,9 @@ def main(argv=None):
     timings = {}
 
     # ============ step 1: target prototypes A_j (K-means on E-hat features) ============
-    encoder = build_encoder(args.encoder, args.encoder_weights, args.encoder_stride).to(device)
+    encoder = build_encoder(args.encoder, args.encoder_weights, args.encoder_stride,
+                            args.encoder_size).to(device)
+    input_spec = encoder.input_spec
     A, kinfo = prototypes_step(args, stage, encoder, targets, device, timings)
 
     # ============ step 2: class entropy e_c, e'_c (Eq. (8)) ============
@@ -634,7 +699,9 @@ def main(argv=None):
             "J": args.clusters, "d_mean": d_mean, "source_positions": positions,
             "target_mean_distance": kinfo["target_mean_distance"], "kmeans": kinfo,
             "encoder": {"name": args.encoder, "weights": args.encoder_weights, "stride": args.encoder_stride,
-                        "scale": args.encoder_scale, "dim": ENCODERS[args.encoder]},
+                        "scale": args.encoder_scale, "dim": ENCODERS[args.encoder],
+                        "input": {"pixels": input_spec["pixels"], "size": input_spec["size"],
+                                  "pool": input_spec["pool"]}},
             "entropy_labels": entropy_labels, "entropy_classes": [common.CLASSES[c] for c in classes],
             "class_entropy": per_class(e), "class_entropy_norm": per_class(e_norm),
             "class_entropy_pixels": per_class(e_pixels),

@@ -17,19 +17,26 @@ Writes: work/06_distill/round<r>/{labels/*.png, model.pt, best.pt, last.pt, log.
         work/06_distill/model.pt (the last round's student), manifest.json
 
 Real data (one GPU):
-    python 06_distill.py --data data --work work --student-init simclr_r101_tv.pth
+    python 06_distill.py --data data --work work --student-init pretrained/r101_1x_sk0.pth
   several GPUs:  torchrun --nproc_per_node 4 06_distill.py --batch-size 1 ...
 Toy data (CPU):
     python 06_distill.py --student-init none --iters 200 --batch-size 4 --crop 128 64 \
         --eval-every 100 --workers 0
 
-Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101. Those
-weights are published as TensorFlow checkpoints (google-research/simclr, r101_1x_sk0);
-convert them to a torchvision-layout ResNet state dict with a converter such as the
-community `simclrv2-pytorch` scripts (conv/bn names mapped to conv1, bn1, layer1.0.conv1
-...), save it with torch.save(state_dict, PATH) and pass --student-init PATH: it is loaded
-strictly, and every missing or unexpected key is listed. `imagenet` uses torchvision's
-ImageNet weights (a weaker start than SimCLRv2).
+Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101
+(r101_1x_sk0, a TensorFlow checkpoint of google-research/simclr). --student-init PATH takes
+  - the file the public converter writes (github.com/Separius/SimCLRv2-Pytorch:
+    `python download.py r101_1x_sk0; python convert.py r101_1x_sk0/model.ckpt-250228` ->
+    r101_1x_sk0.pth = {'resnet': ..., 'head': ...}; README.md "Real data"): loaded strictly
+    into common.SimCLRResNet, then renamed tensor by tensor onto the DeepLabV3+ backbone
+    (common.simclr_to_torchvision; the two compute the same features, tests/test_simclr.py);
+  - ProDA's / the official code's pretrained/r101_1x_sk0.pth ({'state_dict': ...} with
+    torchvision names conv1, bn1, layer1.0.conv1, ...), or any torchvision-layout state dict.
+Every backbone tensor must be found with its shape, otherwise the missing and mis-shaped
+keys are listed; keys the backbone has no use for (fc, the projection head) are listed once
+and recorded in the manifest. The official code loads this file by name matching, which
+skips a non-matching key silently (luyvlei/BiSMAPs models/adaptation_model.py l.87).
+`imagenet` uses torchvision's ImageNet weights (a weaker start than SimCLRv2).
 """
 import shutil
 
@@ -106,10 +113,12 @@ def main(argv=None):
     g.add_argument("--rounds", type=int, default=2, help="distillation rounds (official pipeline: 2)")
     g.add_argument("--student-init", default="imagenet",
                    help="student backbone: imagenet, none, warmup (the backbone of 02's "
-                        "source-trained model, a stand-in for the self-supervised SimCLRv2 "
-                        "start where no pre-trained weights exist, e.g. the toy data), or a "
-                        "torchvision-layout state dict (paper: SimCLRv2 ResNet-101; see the "
-                        "docstring). The head always starts fresh.")
+                        "source-trained model, a stand-in for the self-supervised SimCLRv2 start "
+                        "where no pre-trained weights exist, e.g. the toy data), or a file: the "
+                        "SimCLRv2 converter's r101_1x_sk0.pth (the paper's student, Sec. 4.3 via "
+                        "ProDA), ProDA's pretrained/r101_1x_sk0.pth ({'state_dict': ...}), or a "
+                        "torchvision-layout state dict; every backbone tensor must be found (see "
+                        "the docstring). The head always starts fresh.")
     g.add_argument("--kd-weight", type=float, default=1.0,
                    help="weight of the distillation term, averaged over pixels and classes as in "
                         "the official code (the paper is silent; official: 1.0)")
@@ -163,15 +172,16 @@ def main(argv=None):
 
         # ============ 2. a fresh student ============
         common.seed_everything(args.seed + 1000 * r + rank)
+        model = common.build_model(args.backbone, "none")
         if warm_init is not None:  # 02's backbone, a fresh head
-            model = common.build_model(args.backbone, "none")
             sd = common.load_checkpoint(warm_init, "02_warmup")["model"]
             common.load_state_strict(model.backbone, {k[len("backbone."):]: v for k, v in sd.items()
                                                       if k.startswith("backbone.")},
                                      what=f"--student-init warmup ({warm_init})")
-            model = model.to(device)
+            init = {"spec": "warmup", "layout": "02 source-trained backbone", "path": str(warm_init)}
         else:
-            model = common.build_model(args.backbone, args.student_init).to(device)
+            init = common.load_backbone_init(model.backbone, args.backbone, args.student_init)
+        model = model.to(device)
         ddp = common.wrap_ddp(model, device)
         loaders = None
 
@@ -198,7 +208,7 @@ def main(argv=None):
         final, best, state = common.train_loop(args, rdir, model, step_loss, val,
                                                resume=resuming)
         summary = {"round": r, "teacher": str(teacher_path), "target_miou": final["miou"],
-                   "target": final, "best": best}
+                   "target": final, "best": best, "student_init": init}
         if rank == 0:
             common.save_checkpoint(rdir / "model.pt", **state, summary=summary)
         common.barrier()

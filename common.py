@@ -48,9 +48,16 @@ CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 
                           22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15,
                           31: 16, 32: 17, 33: 18}
 TRAIN_TO_CITYSCAPES_ID = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items()}
-# SYNTHIA-RAND-CITYSCAPES class id (R channel of GT/LABELS) -> trainId.
-SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10,
-                       10: 11, 17: 12, 8: 13, 19: 15, 12: 17, 11: 18}
+# SYNTHIA-RAND-CITYSCAPES class id (R channel of GT/LABELS) -> trainId: the official
+# table (luyvlei/BiSMAPs data/synthia_dataset.py l.104-106, the same in ProDA), which also
+# maps SYNTHIA's terrain (16), truck (18) and train (20), classes that are rare in SYNTHIA
+# and that the 16/13-class protocol leaves out of the mean. Effect: such pixels train those
+# classes instead of being ignored (so the model may predict terrain/truck/train on the
+# target, and such a prediction is a miss for the true class); the evaluation itself is
+# unchanged (EVAL_CLASSES["16"] and ["13"] never include them). Ids 0 (void), 13
+# (parking slot), 14 (road work), 22 (lane marking) stay ignored (255).
+SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
+                       10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 
 # Evaluation class sets (trainIds). SYNTHIA has no terrain, truck, train (16 classes);
 # the 13-class protocol also drops wall, fence and pole.
@@ -61,6 +68,19 @@ EVAL_CLASSES = {
 }
 # Which class sets each source reports (the first one is the headline mIoU).
 SOURCE_EVAL_SETS = {"gta5": ("19",), "synthia": ("16", "13")}
+
+# The size each dataset is brought to before the random scale (Sec. 4.2 and the official
+# data pipeline), as factors of its native size so that the toy data (same formats,
+# smaller) get the same treatment:
+#   GTA5 1914x1052 -> 2200x1209: the official loader resizes to 1914x1052, then its
+#     RandomSized draws the width as U(0.5, 1.5) x 2200 keeping the aspect ratio
+#     (luyvlei/BiSMAPs configs/gta5_st.yml l.16-17 and l.27, augmentations/augmentations.py
+#     RandomSized), i.e. the scale is relative to 2200 px, not 1914;
+#   SYNTHIA 1280x760 -> 2048x1024 ("uniformly resized to 2,048 x 1,024 before the random
+#     scale", Sec. 4.2; the aspect ratio changes);
+#   Cityscapes 2048x1024 -> 2048x1024 (configs/gta5_st.yml l.38-39 and l.48: rsize 2048).
+BASE_RESIZE = {"gta5": (2200 / 1914, 2200 / 1914), "synthia": (2048 / 1280, 1024 / 760),
+               "cityscapes": (1.0, 1.0), "trainid": (1.0, 1.0)}
 
 
 def make_lut(mapping):
@@ -340,21 +360,24 @@ def normalize(img_u8):
     return (x - mean) / std
 
 
-def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0):
+def joint_transform(img, masks, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0, base=(1.0, 1.0)):
     """Apply the same geometry to an image and its per-pixel maps.
 
     img: (3, H, W) uint8 tensor; masks: list of (H, W) uint8 tensors (labels, STM
     weights) resized with nearest neighbour and padded with 255 (labels) - callers
-    treat padded pixels as ignored. crop = (W, H) or None. Colour jitter (brightness,
-    contrast, saturation by `jitter`) touches the image only."""
+    treat padded pixels as ignored. base = (fx, fy): the base resize (BASE_RESIZE) done
+    in the same resampling as the random scale s: the size becomes (W fx s, H fy s).
+    crop = (W, H) or None. Colour jitter (brightness, contrast, saturation by `jitter`)
+    touches the image only."""
     from torchvision.transforms.v2 import functional as TF
 
     def rnd():
         return torch.rand(()).item()
     _, h, w = img.shape
-    if scale is not None and scale != (1.0, 1.0):
-        s = scale[0] + (scale[1] - scale[0]) * rnd()
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    base = tuple(base or (1.0, 1.0))
+    if (scale is not None and tuple(scale) != (1.0, 1.0)) or base != (1.0, 1.0):
+        s = scale[0] + (scale[1] - scale[0]) * rnd() if scale is not None else 1.0
+        nh, nw = max(1, round(h * s * base[1])), max(1, round(w * s * base[0]))
         img = TF.resize(img, [nh, nw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         masks = [TF.resize(m[None], [nh, nw], interpolation=TF.InterpolationMode.NEAREST)[0]
                  for m in masks]
@@ -390,10 +413,10 @@ class SegDataset(torch.utils.data.Dataset):
     each extra map (H, W), and valid (H, W) bool: False on padding added by the crop."""
 
     def __init__(self, items, label_kind, crop=None, scale=(0.5, 1.5), flip=True, jitter=0.0,
-                 extra=None, image_for=None):
+                 extra=None, image_for=None, base=(1.0, 1.0)):
         self.items, self.label_kind = list(items), label_kind
         self.crop, self.scale, self.flip, self.jitter = crop, scale, flip, jitter
-        self.extra, self.image_for = dict(extra or {}), image_for
+        self.extra, self.image_for, self.base = dict(extra or {}), image_for, base
 
     def __len__(self):
         return len(self.items)
@@ -417,7 +440,8 @@ class SegDataset(torch.utils.data.Dataset):
                                 f"image is {w}x{h}")
         img_t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps.values()]
-        img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter)
+        img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter,
+                                        self.base)
         out = {"image": img_t, "index": i, **dict(zip(maps, maps_t))}
         out["valid"] = out["valid"] == 1
         return out
@@ -532,6 +556,353 @@ def load_state_strict(module, path_or_state, what="model", optional_prefixes=())
         raise KeyError("\n".join(msg))
     module.load_state_dict(state, strict=False)
     return module
+
+
+# ============================================================================
+# SimCLRv2 ResNets in the layout of the public converter (the paper's E-hat and student)
+# ============================================================================
+# The paper (Sec. 4.2) takes E-hat from a SimCLRv2 ResNet-152 and, after ProDA, starts the
+# distillation student from a SimCLRv2 ResNet-101. Google publishes them as TensorFlow
+# checkpoints (gs://simclr-checkpoints/simclrv2/pretrained/r152_1x_sk1, .../r101_1x_sk0);
+# the public converter github.com/Separius/SimCLRv2-Pytorch (download.py, convert.py)
+# writes `torch.save({'resnet': state_dict, 'head': state_dict}, 'r152_1x_sk1.pth')`, the
+# file the official code loads (luyvlei/BiSMAPs source_transferability_map.py l.26-27,
+# network in models/backbone/resnet_simclr.py). The module tree below reproduces that
+# file's keys and shapes exactly (written here from the layout, not copied):
+#   net.0            stem: sk0 = conv7x7/2 (net.0.0) + BN (net.0.1.0) + maxpool;
+#                    sk1 = three conv3x3 (net.0.0, .2, .4), BNs at .1.0 .3.0 .5.0, maxpool
+#   net.1 .. net.4   stages (torchvision's layer1..4); net.i.blocks.j is a bottleneck:
+#     .projection.shortcut(.2).weight, .projection.bn.0.*   (first block: the shortcut;
+#                    sk1: ZeroPad -> AvgPool(2, stride) -> conv1x1, sk0: conv1x1/stride)
+#     .net.0 conv1x1, .net.1.0 BN, then sk0: .net.2 conv3x3/stride, .net.3.0 BN,
+#     .net.4 conv1x1, .net.5.0 BN;  sk1: .net.2 selective kernel (main_conv.0 conv3x3 to
+#     2C, main_conv.1.0 BN, mixing_conv.0 conv1x1, .1.0 BN, .2 conv1x1 to 2C),
+#     .net.3 conv1x1, .net.4.0 BN
+#   fc               Linear(2048 w, 1000), the supervised linear head (unused here)
+# Every BatchNorm has eps 1e-5 (the TF code's BATCH_NORM_EPSILON). Inputs are RGB in
+# [0, 1] with no mean/std normalisation (SimCLRv2's convention; the official 04 feeds
+# mean 0, std 1: configs/gta5_stm.yml l.10-12).
+SIMCLR_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+SIMCLR_SK_RATIO = 0.0625  # SimCLRv2's selective-kernel ratio (min 32 mixing channels)
+
+
+def _simclr_conv(cin, cout, k=3, stride=1, dilation=1):
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k - 1) // 2,
+                     dilation=dilation, bias=False)
+
+
+def _simclr_bn(c, relu=True):
+    """BN (key `0.*`) then ReLU or nothing (index 1 holds no tensor): the converter's
+    BatchNormRelu."""
+    return nn.Sequential(nn.BatchNorm2d(c, eps=1e-5), nn.ReLU(inplace=True) if relu else nn.Identity())
+
+
+class SimCLRSelectiveKernel(nn.Module):
+    """SK convolution (Li et al. 2019, as in SimCLRv2): one 3x3 conv gives two C-channel
+    branches; a global descriptor of their sum is mixed by two 1x1 convs into per-channel
+    softmax weights over the branches."""
+
+    def __init__(self, cin, c, stride=1, dilation=1):
+        super().__init__()
+        mid = max(int(c * SIMCLR_SK_RATIO), 32)
+        self.main_conv = nn.Sequential(_simclr_conv(cin, 2 * c, 3, stride, dilation), _simclr_bn(2 * c))
+        self.mixing_conv = nn.Sequential(_simclr_conv(c, mid, 1), _simclr_bn(mid),
+                                         _simclr_conv(mid, 2 * c, 1))
+
+    def forward(self, x):
+        a, b = self.main_conv(x).chunk(2, dim=1)                   # 2 x (B, C, H, W)
+        g = (a + b).mean(dim=(2, 3), keepdim=True)                # (B, C, 1, 1)
+        wa, wb = self.mixing_conv(g).chunk(2, dim=1)              # 2 x (B, C, 1, 1)
+        w = torch.stack([wa, wb]).softmax(dim=0)                  # softmax over the 2 branches
+        return a * w[0] + b * w[1]
+
+
+class SimCLRProjection(nn.Module):
+    """The first block's shortcut: conv1x1/stride + BN (sk0), or, with SK, a 2x2 average
+    pool (stride = the block's stride, right/bottom zero-padded) + conv1x1 + BN."""
+
+    def __init__(self, cin, cout, stride, sk):
+        super().__init__()
+        if sk:
+            self.shortcut = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride),
+                                          _simclr_conv(cin, cout, 1))
+        else:
+            self.shortcut = _simclr_conv(cin, cout, 1, stride)
+        self.bn = _simclr_bn(cout, relu=False)
+
+    def forward(self, x):
+        return self.bn(self.shortcut(x))
+
+
+class SimCLRBottleneck(nn.Module):
+    def __init__(self, cin, c, stride, sk, projection, dilation=1):
+        super().__init__()
+        self.projection = SimCLRProjection(cin, 4 * c, stride, sk) if projection else nn.Identity()
+        ops = [_simclr_conv(cin, c, 1), _simclr_bn(c)]
+        if sk:
+            ops.append(SimCLRSelectiveKernel(c, c, stride, dilation))
+        else:
+            ops += [_simclr_conv(c, c, 3, stride, dilation), _simclr_bn(c)]
+        ops += [_simclr_conv(c, 4 * c, 1), _simclr_bn(4 * c, relu=False)]
+        self.net = nn.Sequential(*ops)
+
+    def forward(self, x):
+        return F.relu(self.projection(x) + self.net(x))
+
+
+class SimCLRStage(nn.Module):
+    def __init__(self, n, cin, c, stride, sk, dilation=1, first_dilation=1):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [SimCLRBottleneck(cin, c, stride, sk, True, first_dilation)]
+            + [SimCLRBottleneck(4 * c, c, 1, sk, False, dilation) for _ in range(n - 1)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class SimCLRResNet(nn.Module):
+    """A SimCLRv2 ResNet (depth 50/101/152, width 1 or 2, selective kernels on/off) whose
+    state dict has exactly the keys and shapes of the converter's `resnet` entry.
+
+    output_stride 16 replaces layer4's stride by dilation 2 the way torchvision's
+    replace_stride_with_dilation does (the first block keeps dilation 1), so the same
+    weights give the same features as the torchvision ResNet they map to
+    (simclr_to_torchvision). forward(x): (B, 3, H, W) in [0, 1] -> layer4 (B, 2048 w, h, w)."""
+
+    def __init__(self, depth=50, width=1, sk=False, output_stride=32):
+        super().__init__()
+        if depth not in SIMCLR_LAYERS or width not in (1, 2) or output_stride not in (16, 32):
+            raise ValueError(f"SimCLRv2 ResNet: depth must be one of {list(SIMCLR_LAYERS)}, width 1 "
+                             f"or 2, output stride 16 or 32; got {depth}, {width}, {output_stride}")
+        self.depth, self.width, self.sk = depth, width, bool(sk)
+        c = 64 * width
+        if sk:  # three 3x3 convs instead of one 7x7 (the "ResNet-D"-like stem of SimCLRv2)
+            stem = [_simclr_conv(3, c // 2, 3, 2), _simclr_bn(c // 2), _simclr_conv(c // 2, c // 2),
+                    _simclr_bn(c // 2), _simclr_conv(c // 2, c)]
+        else:
+            stem = [_simclr_conv(3, c, 7, 2)]
+        stem += [_simclr_bn(c), nn.MaxPool2d(3, 2, 1)]
+        n = SIMCLR_LAYERS[depth]
+        d4 = 2 if output_stride == 16 else 1
+        stages, cin = [], c
+        for i, (blocks, s) in enumerate(zip(n, (1, 2, 2, 2))):
+            ci = 64 * width * 2 ** i
+            if i == 3 and d4 == 2:
+                stages.append(SimCLRStage(blocks, cin, ci, 1, sk, dilation=2, first_dilation=1))
+            else:
+                stages.append(SimCLRStage(blocks, cin, ci, s, sk))
+            cin = 4 * ci
+        self.net = nn.Sequential(nn.Sequential(*stem), *stages)
+        self.channels = cin
+        self.fc = nn.Linear(cin, 1000)
+
+    def forward(self, x):  # x: (B, 3, H, W) in [0, 1]
+        return self.net(x)
+
+
+def simclr_name(depth, width, sk):
+    return f"r{depth}_{width}x_sk{int(bool(sk))}"
+
+
+def parse_simclr_name(name):
+    """'simclr-r152-1x-sk1' or 'r152_1x_sk1' -> (152, 1, True); ValueError otherwise."""
+    import re
+    m = re.fullmatch(r"(?:simclr-)?r(\d+)[-_](\d)x[-_]sk([01])", str(name))
+    if not m or int(m[1]) not in SIMCLR_LAYERS or int(m[2]) not in (1, 2):
+        raise ValueError(f"{name!r} is not a SimCLRv2 ResNet name such as simclr-r152-1x-sk1 "
+                         f"(depth {'/'.join(map(str, SIMCLR_LAYERS))}, width 1x or 2x, sk0 or sk1)")
+    return int(m[1]), int(m[2]), m[3] == "1"
+
+
+def guess_simclr_layout(state):
+    """What a converter-layout state dict holds, from its keys and shapes: 'r152_1x_sk1',
+    or None when it is not in that layout (used to say which file was given)."""
+    try:
+        stem = state["net.0.0.weight"]
+        sk = "net.0.2.weight" in state
+        width = stem.shape[0] * (2 if sk else 1) // 64
+        n3 = len({k.split(".")[3] for k in state if k.startswith("net.3.blocks.")})
+        depth = {6: 50, 23: 101, 36: 152}.get(n3)
+        return simclr_name(depth, width, sk) if depth and width in (1, 2) else None
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return None
+
+
+def read_state_file(path, what):
+    """torch.load a weights file (tensors only) with a clear error when missing/corrupt."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what}: weights file {p} not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{what}: {p} is not a PyTorch weights file ({type(e).__name__}: {e})") from None
+
+
+def _state_report(own, state, what, optional=("num_batches_tracked",), allow_unused=False):
+    """Compare a state dict with a module's: raise KeyError listing every missing,
+    unexpected and mis-shaped key; return the unused keys when allow_unused."""
+    def opt(k):
+        return k.endswith(optional)
+    missing = [k for k in own if k not in state and not opt(k)]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
+             for k, v in state.items() if k in own and hasattr(v, "shape") and own[k].shape != v.shape]
+    if missing or shape or (unexpected and not allow_unused):
+        msg = [f"{what}: the state dict does not match"]
+        for name, keys in (("missing keys", missing), ("unexpected keys", [] if allow_unused else unexpected),
+                           ("shape mismatches", shape)):
+            if keys:
+                msg.append(f"  {name} ({len(keys)}): " + ", ".join(keys))
+        raise KeyError("\n".join(msg))
+    return unexpected
+
+
+def load_simclr(net, path_or_state, what="SimCLRv2 weights"):
+    """Load a converter file ({'resnet': ..., 'head': ...}) or its `resnet` dict into a
+    SimCLRResNet, strictly: every missing, unexpected and mis-shaped key is listed, and the
+    error says which SimCLRv2 network the file holds when it is another one."""
+    state = read_state_file(path_or_state, what) if isinstance(path_or_state, (str, Path)) else path_or_state
+    if not isinstance(state, dict):
+        raise DataError(f"{what}: expected a dict, found {type(state).__name__}")
+    if "resnet" in state and isinstance(state["resnet"], dict):
+        state = state["resnet"]
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    want = simclr_name(net.depth, net.width, net.sk)
+    try:
+        _state_report(net.state_dict(), state, f"{what} (expected the converter layout of {want})")
+    except KeyError as e:
+        got = guess_simclr_layout(state)
+        hint = (f"\n  the file holds {got}, not {want}" if got and got != want else
+                "" if got else "\n  the file is not in the SimCLRv2 converter layout (keys net.0.0.weight, "
+                               "net.1.blocks.0.net.0.weight, ...)")
+        raise KeyError(e.args[0] + hint) from None
+    net.load_state_dict(state, strict=False)  # strictness checked above (num_batches_tracked optional)
+    return net
+
+
+def build_simclr(name, weights="none", output_stride=32, what="--encoder-weights"):
+    """A SimCLRResNet from its name ('simclr-r152-1x-sk1'); weights 'none' or a converter file."""
+    depth, width, sk = parse_simclr_name(name)
+    net = SimCLRResNet(depth, width, sk, output_stride)
+    if weights not in ("none", None):
+        if weights == "imagenet":
+            raise ValueError(f"{what} imagenet: torchvision has no SimCLRv2 weights; pass the file "
+                             f"written by the SimCLRv2 converter ({simclr_name(depth, width, sk)}.pth, "
+                             f"see README.md) or none")
+        load_simclr(net, weights, what=f"{what} {weights}")
+    return net
+
+
+def simclr_to_torchvision(state):
+    """Rename a converter-layout sk0, width-1 state dict to torchvision's ResNet names.
+
+    Returns (mapped, unused): mapped holds every backbone tensor under its torchvision name
+    (conv1, bn1, layer1.0.conv1, ..., layer4.2.downsample.1.*), unused the keys that have
+    no place in a backbone (fc.*). Any other key is an error: nothing is dropped silently.
+    The two networks compute the same function: same convs (stride on the 3x3), same BN
+    eps, same shortcut (conv1x1/stride + BN), same 7x7 stem and max pool."""
+    if "resnet" in state and isinstance(state["resnet"], dict):
+        state = state["resnet"]
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    got = guess_simclr_layout(state)
+    if got is None or not got.endswith("_1x_sk0"):
+        raise KeyError(f"only a width-1, selective-kernel-free SimCLRv2 ResNet (r50_1x_sk0, r101_1x_sk0, "
+                       f"r152_1x_sk0) maps onto a torchvision ResNet; the state dict holds "
+                       f"{got or 'no SimCLRv2 converter layout'}")
+    block = {"net.0": "conv1", "net.1.0": "bn1", "net.2": "conv2", "net.3.0": "bn2",
+             "net.4": "conv3", "net.5.0": "bn3",
+             "projection.shortcut": "downsample.0", "projection.bn.0": "downsample.1"}
+    mapped, unused, bad = {}, [], []
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "fc":
+            unused.append(k)
+        elif parts[:2] == ["net", "0"] and parts[2] in ("0", "1"):
+            # stem: net.0.0 = conv1, net.0.1.0.* = bn1.*
+            mapped[("conv1." if parts[2] == "0" else "bn1.") + parts[-1]] = v
+        elif parts[0] == "net" and parts[1] in "1234" and parts[2] == "blocks":
+            inner = ".".join(parts[4:-1])
+            if inner in block:
+                mapped[f"layer{parts[1]}.{parts[3]}.{block[inner]}.{parts[-1]}"] = v
+            else:
+                bad.append(k)
+        else:
+            bad.append(k)
+    if bad:
+        raise KeyError(f"{len(bad)} keys of the SimCLRv2 state dict have no torchvision name: {bad}")
+    return mapped, unused
+
+
+def load_backbone_init(backbone, name, spec, what="--student-init"):
+    """Initialise a torchvision-layout ResNet `backbone` (DeepLabV3Plus.backbone, `name` =
+    resnet101 ...) from `spec` and return a description for the manifest.
+
+    spec: 'none' (keep the random init), 'imagenet' (torchvision's weights API), or a path:
+      - a SimCLRv2 converter file ({'resnet': ..., 'head': ...}, r101_1x_sk0.pth): loaded
+        strictly into a SimCLRResNet first (every converter key checked), then renamed
+        one-to-one onto the backbone (simclr_to_torchvision);
+      - a torchvision-layout state dict, bare or as {'state_dict': ...} / {'model': ...}
+        (ProDA's and the official code's pretrained/r101_1x_sk0.pth; a torch.save of a
+        torchvision ResNet's state_dict()).
+    Every backbone tensor must be found with its shape, or a KeyError lists what is missing
+    or mis-shaped; keys that have no place in the backbone (fc.*, the SimCLRv2 projection
+    head) are listed once and recorded. The official code and ProDA load this file by name
+    matching, which skips a key that does not match without a word (luyvlei/BiSMAPs
+    models/adaptation_model.py l.87 and its adaptive_load_nets(); microsoft/ProDA
+    models/deeplabv2.py Deeplab()). The student keeps ImageNet input normalisation, as the
+    official distillation config does with this file (configs/gta5_dill.yml l.22-23)."""
+    info = {"spec": str(spec)}
+    if spec in ("none", None):
+        info["layout"] = "random init"
+        return info
+    own = backbone.state_dict()
+    if spec == "imagenet":
+        ref = build_resnet(name, "imagenet", flag=what).state_dict()
+        state = {k: v for k, v in ref.items() if k in own}
+        info["layout"] = "torchvision ImageNet"
+    else:
+        raw = read_state_file(spec, what)
+        if not isinstance(raw, dict):
+            raise DataError(f"{what} {spec}: expected a state dict, found {type(raw).__name__}")
+        unused = []
+        if "resnet" in raw and isinstance(raw["resnet"], dict):  # the SimCLRv2 converter's file
+            head = raw.get("head") or {}
+            unused += [f"head.{k}" for k in head]
+            raw = raw["resnet"]
+        for key in ("state_dict", "model"):
+            if key in raw and isinstance(raw[key], dict):
+                unused += [k for k in raw if k != key]
+                raw = raw[key]
+        raw = {k[7:] if k.startswith("module.") else k: v for k, v in raw.items()}
+        got = guess_simclr_layout(raw)
+        if got is not None:
+            depth = int(name.replace("resnet", "")) if name.replace("resnet", "").isdigit() else None
+            if depth not in SIMCLR_LAYERS:
+                raise KeyError(f"{what} {spec}: a SimCLRv2 file ({got}) cannot initialise a {name}")
+            want = simclr_name(depth, 1, False)
+            net = SimCLRResNet(depth, 1, False)
+            load_simclr(net, raw, what=f"{what} {spec}")           # strict, converter layout
+            state, fc = simclr_to_torchvision(net.state_dict())
+            unused += fc
+            info.update(layout=f"SimCLRv2 converter ({want})", simclr=want)
+        else:
+            state = raw
+            info["layout"] = "torchvision names"
+        unused += _state_report(own, state, f"{what} {spec} (expected every tensor of a torchvision "
+                                f"{name} backbone)", allow_unused=True)
+        if unused:
+            short = sorted({u.rsplit(".", 1)[0] + ".*" for u in unused})
+            log0(f"{what} {spec}: {len(unused)} keys not used by the {name} backbone: {', '.join(short)}")
+        info["unused_keys"] = unused
+    missing = [k for k in own if k not in state]   # only num_batches_tracked can be absent here
+    backbone.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+    info["tensors_loaded"] = len(own) - len(missing)
+    info["tensors_in_backbone"] = len(own)
+    return info
 
 
 class DeepLabV3Plus(nn.Module):
@@ -934,6 +1305,11 @@ def base_parser(doc, training=False):
         t.add_argument("--crop", type=int, nargs=2, default=[896, 512], metavar=("W", "H"),
                        help="random crop (paper: 896 512)")
         t.add_argument("--scale", type=float, nargs=2, default=[0.5, 1.5], help="random scale range (paper: 0.5 1.5)")
+        t.add_argument("--base-resize", default="official", choices=["official", "native"],
+                       help="size before the random scale. official: GTA5 1914x1052 -> 2200x1209 "
+                            "(the official loader scales relative to 2200 px wide), SYNTHIA "
+                            "1280x760 -> 2048x1024 (Sec. 4.2), Cityscapes kept at 2048x1024 (as "
+                            "factors of the native size, so toy data scale alike); native: none")
         t.add_argument("--jitter", type=float, default=0.25, help="colour jitter strength (brightness/contrast/saturation)")
         t.add_argument("--lr", type=float, default=5e-4, help="SGD learning rate (paper: 5e-4), head x10")
         t.add_argument("--head-lr-mult", type=float, default=10.0, help="lr multiplier of the head")
@@ -1198,7 +1574,8 @@ def source_dataset(args, stage, use_stm=True):
             raise StageError(f"{extra['stm'](missing[0])} not found ({len(missing)} of {len(items)} "
                              f"source images have no transferability map): run 04_stm.py again")
     return SegDataset(items, label_kind(args.source), crop=tuple(args.crop), scale=tuple(args.scale),
-                      jitter=args.jitter, extra=extra, image_for=image_for)
+                      jitter=args.jitter, extra=extra, image_for=image_for,
+                      base=base_resize(args, args.source))
 
 
 def target_dataset(args, labels_dir, producer):
@@ -1219,7 +1596,13 @@ def target_dataset(args, labels_dir, producer):
             raise StageError(f"{labels_dir / item_name(p)}: size {image_size(labels_dir / item_name(p))} "
                              f"differs from its image {p} {image_size(p)}: run {STAGES[producer]} again")
     return SegDataset([(p, labels_dir / item_name(p)) for p in images], "trainid",
-                      crop=tuple(args.crop), scale=tuple(args.scale), jitter=args.jitter)
+                      crop=tuple(args.crop), scale=tuple(args.scale), jitter=args.jitter,
+                      base=base_resize(args, "cityscapes"))
+
+
+def base_resize(args, dataset):
+    """The base-resize factors of `dataset` (BASE_RESIZE), or none with --base-resize native."""
+    return BASE_RESIZE[dataset] if getattr(args, "base_resize", "official") == "official" else (1.0, 1.0)
 
 
 def kl_divergence(teacher_logits, student_logits, mask=None):
