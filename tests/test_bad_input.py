@@ -155,7 +155,7 @@ def test_stylize_excludes_corrupt_source_and_replaces_corrupt_reference(warmup_w
     args = Namespace(data=data, work=work, source="gta5")
     items, image_for = common.stylized_source(args)
     items2, _ = common.stylized_source(args)
-    assert names[0] not in {p.name for p, _ in items} and len(items) == len(items2) == len(names) - 1
+    assert names[0] not in {p.name for p, _ in items} and len(items) == len(items2) == len(common.source_items(data, "gta5")) - 1
     assert all(image_for(p).exists() for p, _ in items)
     err = capsys.readouterr().err
     assert err.count("excluded by 01_stylize") == 1 and str(bad_src) in err
