@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 from PIL import Image
+import torch
 from tqdm import tqdm
 
 import common
@@ -107,22 +108,44 @@ def gpa(src_rgb, ref, gamma_reg=0.01):
 
 # ============ the stage ============
 _REF_CACHE = {}
+REPLACEMENTS = 8  # spare references per image, used only when a reference cannot be decoded
 
 
-def _work_one(job):
-    """Stylize one image (runs in a worker process). Returns (name, gamma) or (name, error)."""
-    src, ref_path, out, gamma_reg = job
-    try:
-        ref_path = str(ref_path)
+def _reference(candidates):
+    """Statistics of the first readable reference among the candidates (the drawn one,
+    then deterministic replacements). Returns (path, stats, [unreadable references])."""
+    bad = []
+    for ref_path in map(str, candidates):
         if ref_path not in _REF_CACHE:
             if len(_REF_CACHE) > 512:
                 _REF_CACHE.clear()
-            _REF_CACHE[ref_path] = reference_stats(common.read_image(ref_path))
-        img, gamma = gpa(common.read_image(src), _REF_CACHE[ref_path], gamma_reg)
-        common.save_png(out, img)
-        return Path(src).name, gamma, None
+            try:
+                _REF_CACHE[ref_path] = reference_stats(common.read_image(ref_path))
+            except common.DataError as e:
+                _REF_CACHE[ref_path] = str(e)
+        if isinstance(_REF_CACHE[ref_path], str):
+            bad.append(_REF_CACHE[ref_path])
+            continue
+        return ref_path, _REF_CACHE[ref_path], bad
+    return None, None, bad
+
+
+def _work_one(job):
+    """Stylize one image (runs in a worker process). Returns (name, gamma, error, reference
+    used, unreadable references): a corrupt reference is replaced by the next candidate; a
+    corrupt source image is an error (01 records it as excluded)."""
+    src, candidates, out, gamma_reg = job
+    name = common.item_name(src)
+    try:
+        img = common.read_image(src)
     except common.DataError as e:
-        return Path(src).name, None, str(e)
+        return name, None, str(e), None, []
+    ref_path, stats, bad = _reference(candidates)
+    if stats is None:
+        return name, None, f"no readable reference image among {len(candidates)} tried", None, bad
+    out_img, gamma = gpa(img, stats, gamma_reg)
+    common.save_png(out, out_img)
+    return name, gamma, None, ref_path, bad
 
 
 def main(argv=None):
@@ -136,42 +159,69 @@ def main(argv=None):
     sources = common.source_items(args.data, args.source, check_sizes=False)
     targets = common.target_train_items(args.data)
     resuming = stage.begin()
-    # one reference per source image, drawn once so resumed and sharded runs agree
+    # one reference per source image, drawn once so resumed and sharded runs agree; then
+    # REPLACEMENTS more per image, tried in order when a reference cannot be decoded
     rng = np.random.default_rng(args.seed)
     refs = rng.integers(len(targets), size=len(sources))
+    spare = rng.integers(len(targets), size=(len(sources), REPLACEMENTS))
     out_dir = stage.dir / "images"
-    jobs = [(s, targets[r][0], out_dir / common.item_name(s), args.gamma_reg)
-            for (s, _), r in zip(sources, refs)]
+    jobs = [(s, [targets[r][0]] + [targets[k][0] for k in more], out_dir / common.item_name(s),
+             args.gamma_reg) for (s, _), r, more in zip(sources, refs, spare)]
     todo = [j for j in jobs[rank::world] if not (resuming and j[2].exists())]
     if resuming:
         common.log0(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} images already stylized")
-    gammas, errors = [], []
+    gammas, excluded, used, bad_refs = [], {}, {}, set()
     pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 0 else None
     it = pool.imap(_work_one, todo, chunksize=4) if pool else map(_work_one, todo)
-    for name, gamma, err in tqdm(it, total=len(todo), desc="GPA", disable=rank != 0):
+    for name, gamma, err, ref, bad in tqdm(it, total=len(todo), desc="GPA", disable=rank != 0):
+        for b in bad:
+            if b not in bad_refs:
+                tqdm.write(f"warning: unreadable reference replaced by another: {b}")
+            bad_refs.add(b)
         if err:
-            errors.append(err)
-            common.log0(f"skipped: {err}")
+            excluded[name] = err
+            tqdm.write(f"excluded: {err}")
         else:
             gammas.append(gamma)
+            used[name] = ref
     if pool:
         pool.close()
         pool.join()
+    if world > 1:  # every rank's findings go to rank 0's manifest
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, (gammas, excluded, used, sorted(bad_refs)))
+        gammas = [g for p in parts for g in p[0]]
+        excluded = {k: v for p in parts for k, v in p[1].items()}
+        used = {k: v for p in parts for k, v in p[2].items()}
+        bad_refs = {b for p in parts for b in p[3]}
     common.barrier()
     if rank == 0:
-        for s, ref, out, _ in jobs[: args.previews]:
-            if out.exists():
-                a, b, c = common.read_image(s), common.read_image(ref), common.read_image(out)
-                b = np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0])))
-                common.save_png(stage.dir / "previews" / common.item_name(s), np.concatenate([a, b, c], 1))
+        # the reference of each image: the one used in this run; for an image written by an
+        # interrupted earlier run, the first candidate (a replacement then is not recorded)
+        refs_used = {common.item_name(j[0]): used.get(common.item_name(j[0]), str(j[1][0]))
+                     for j in jobs if j[2].exists()}
+        for s, _, out, _ in jobs[: args.previews]:
+            if not out.exists():
+                continue
+            try:
+                a, c = common.read_image(s), common.read_image(out)
+                b = common.read_image(refs_used[common.item_name(s)])
+            except common.DataError:  # an unreadable reference of an earlier run: no preview
+                continue
+            b = np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0])))
+            common.save_png(stage.dir / "previews" / common.item_name(s), np.concatenate([a, b, c], 1))
         written = sum(1 for j in jobs if j[2].exists())
-        summary = {"images": len(jobs), "written": written, "errors": errors,
+        summary = {"images": len(jobs), "written": written, "excluded": len(excluded),
+                   "unreadable_references": sorted(bad_refs),
                    "gamma_mean_this_run": float(np.mean(gammas)) if gammas else None}
-        stage.finish(summary, references={common.item_name(j[0]): str(j[1]) for j in jobs})
+        # excluded: source images that cannot be decoded; 02-06 skip them (stylized_source)
+        stage.finish(summary, references=refs_used,
+                     excluded={n: e for n, e in excluded.items() if not (out_dir / n).exists()})
         print(f"01_stylize: {written}/{len(jobs)} source images stylized toward Cityscapes -> "
-              f"{out_dir}" + (f" ({len(errors)} unreadable, skipped)" if errors else ""))
+              f"{out_dir}" + (f" ({len(excluded)} unreadable source image(s) excluded, listed in "
+                              f"{stage.dir / 'manifest.json'}; later stages skip them)" if excluded else ""))
     common.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -34,13 +34,13 @@ def main(argv=None):
     stage, device, rank, world = common.start(args, "02_warmup")
     items, image_for = common.stylized_source(args, stage, raw=args.source_images == "raw")
     val = common.target_val_items(args.data)
-    resuming = stage.begin()
 
-    # ============ data and model ============
+    # ============ data and model (before begin(): a failure here leaves the folder as it is) ============
     ds = common.SegDataset(items, common.label_kind(args.source), crop=tuple(args.crop),
                            scale=tuple(args.scale), jitter=args.jitter, image_for=image_for,
                            base=common.base_resize(args, args.source))
     model = common.build_model(args.backbone, args.weights).to(device)
+    resuming = stage.begin(check=[ds, val])
     ddp = common.wrap_ddp(model, device)
     loader = None
 
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

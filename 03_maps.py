@@ -56,7 +56,7 @@ from common import (CLASSES, IGNORE, NUM_CLASSES, DataError, SegDataset, Stage, 
                     confusion, decode_label, item_name, items_digest, iou_table, label_kind, log0,
                     model_from_checkpoint, need, normalize, overlay, pick_device, save_json,
                     save_npz, save_png, seed_everything, setup_distributed, stage_dir,
-                    stylized_source, summarize_iou, target_train_items)
+                    run_main, stylized_source, summarize_iou, target_train_items)
 
 DEFAULT_DELTA = {"gta5": 100.0, "synthia": -50.0}  # Sec. 4.2
 LOG_2PI = math.log(2 * math.pi)
@@ -882,4 +882,4 @@ def save_prototypes(path, samples, counts, sums, args, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

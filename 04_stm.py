@@ -578,8 +578,10 @@ def pseudo_labels_dir(args, stage):
     except common.StageError as e:
         if args.entropy_labels == "maps":
             raise
-        common.log0(f"note: {e}; Eq. (8) groups the target pixels by the warm-up argmax "
-                    f"instead of the MAPs pseudo labels")
+        loud_warning(f"04_stm: {e}.\nEq. (8) FALLS BACK to grouping the target pixels by the warm-up "
+                     f"argmax instead of 03's MAPs pseudo labels (the paper's setting), and "
+                     f"05_selftrain.py will refuse these maps. Run 03_maps.py first, or pass "
+                     f"--entropy-labels argmax to ask for the argmax.")
         return None
     if m3["args"]["source"] != args.source:
         raise common.StageError(f"{common.stage_dir(args.work, '03_maps')} holds pseudo labels of a "
@@ -721,4 +723,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

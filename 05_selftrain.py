@@ -152,9 +152,10 @@ def main(argv=None):
     src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)
     if not args.no_stm:
         common.check_made_from(stage, "04_stm", "02_warmup")
+        common.check_stm_chain(stage)  # 04's Eq. (8) from the 03 run used here
     tgt_ds = common.target_dataset(args, common.stage_dir(args.work, "03_maps") / "labels", "03_maps")
     val = common.target_val_items(args.data)
-    resuming = stage.begin()
+    resuming = stage.begin(check=[src_ds, tgt_ds, val])
 
     # ============ models: student from the warm-up weights, EMA teacher ============
     init = common.stage_dir(args.work, "02_warmup") / "model.pt"
@@ -220,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

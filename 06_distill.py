@@ -149,7 +149,7 @@ def main(argv=None):
     src_ds = common.source_dataset(args, stage, use_stm=not args.no_stm)
     targets = common.target_train_items(args.data)
     val = common.target_val_items(args.data)
-    resuming = stage.begin()
+    resuming = stage.begin(check=[src_ds, common.SegDataset(targets, None), val])
 
     teacher_path = common.stage_dir(args.work, "05_selftrain") / "model.pt"
     stage.add_input(teacher_path)
@@ -231,4 +231,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -59,6 +59,24 @@ TRAIN_TO_CITYSCAPES_ID = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items()}
 SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
                        10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 
+# Ids a label file may hold besides those mapped above (they decode to 255 = ignore).
+# Anything else is an error (decode_label): a label in another convention (e.g. trainIds
+# where labelIds are expected) must not silently train on mostly ignored pixels.
+# Cityscapes labelIds: cityscapesscripts helpers/labels.py defines 0..33; its license plate
+# (-1) is never drawn into *_gtFine_labelIds.png (preparation/json2labelImg.py skips
+# negative ids). GTA5 uses the same ids, and some of its label files also hold 34
+# (ProDA data/gta5_dataset.py lists 34 among GTA5's void classes).
+CITYSCAPES_VOID_IDS = {0: "unlabeled", 1: "ego vehicle", 2: "rectification border", 3: "out of roi",
+                       4: "static", 5: "dynamic", 6: "ground", 9: "parking", 10: "rail track",
+                       14: "guard rail", 15: "bridge", 16: "tunnel", 18: "polegroup",
+                       29: "caravan", 30: "trailer", 34: "license plate (GTA5)"}
+# SYNTHIA-RAND-CITYSCAPES class ids 0..22 (the dataset's README); those without a trainId
+# in SYNTHIA_ID_TO_TRAIN (the 16-class protocol leaves terrain, truck, train out).
+SYNTHIA_NAMES = ("void", "sky", "building", "road", "sidewalk", "fence", "vegetation", "pole",
+                 "car", "traffic sign", "pedestrian", "bicycle", "motorcycle", "parking-slot",
+                 "road-work", "traffic light", "terrain", "rider", "truck", "bus", "train", "wall",
+                 "lanemarking")
+
 # Evaluation class sets (trainIds). SYNTHIA has no terrain, truck, train (16 classes);
 # the 13-class protocol also drops wall, fence and pole.
 EVAL_CLASSES = {
@@ -93,6 +111,22 @@ def make_lut(mapping):
 
 CITYSCAPES_LUT = make_lut(CITYSCAPES_ID_TO_TRAIN)
 SYNTHIA_LUT = make_lut(SYNTHIA_ID_TO_TRAIN)
+
+
+def known_ids_lut(*id_sets):
+    """A 65536-entry boolean table: True for the raw ids a label file may hold."""
+    ok = np.zeros(65536, dtype=bool)
+    for ids in id_sets:
+        ok[list(ids)] = True
+    return ok
+
+
+# the accepted ids, derived from the tables above (so a change there flows through)
+LABEL_IDS_KNOWN = {
+    "cityscapes": known_ids_lut(CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_VOID_IDS),
+    "gta5": known_ids_lut(CITYSCAPES_ID_TO_TRAIN, CITYSCAPES_VOID_IDS),
+    "synthia": known_ids_lut(SYNTHIA_ID_TO_TRAIN, range(len(SYNTHIA_NAMES))),
+}
 
 
 def trainid_to_labelid(label):
@@ -174,6 +208,7 @@ def decode_label(path, kind):
     if kind == "synthia":
         raw = read_png16(path)
         raw = raw[..., 0] if raw.ndim == 3 else raw  # R channel holds the class id
+        check_label_ids(path, raw, kind)
         return SYNTHIA_LUT[raw.astype(np.int64)]
     try:
         with Image.open(path) as im:
@@ -193,7 +228,28 @@ def decode_label(path, kind):
             raise DataError(f"{path}: label values must be trainIds 0..{NUM_CLASSES - 1} or 255, "
                             f"found {np.unique(raw[bad])[:5].tolist()}")
         return raw.astype(np.uint8)
+    check_label_ids(path, raw, kind)
     return CITYSCAPES_LUT[raw.astype(np.int64)]
+
+
+def check_label_ids(path, raw, kind):
+    """Fail on ids that are neither a class nor a documented void id of `kind`
+    (LABEL_IDS_KNOWN), naming the file, each id and how many pixels hold it."""
+    if raw.dtype.kind not in "ui" or raw.size == 0:
+        raise DataError(f"{path}: expected integer label ids, found dtype {raw.dtype}")
+    raw = raw.astype(np.int64)
+    if raw.min() >= 0 and raw.max() < 65536 and LABEL_IDS_KNOWN[kind][raw].all():
+        return
+    ids, counts = np.unique(raw, return_counts=True)
+    known = LABEL_IDS_KNOWN[kind]
+    bad = [(int(i), int(n)) for i, n in zip(ids, counts) if not (0 <= i < 65536 and known[i])]
+    allowed = np.nonzero(known)[0]
+    what = {"synthia": "SYNTHIA class ids (R channel)", "gta5": "Cityscapes labelIds",
+            "cityscapes": "Cityscapes labelIds"}[kind]
+    raise DataError(f"{path}: label id(s) that are neither a {kind} class nor a void id: "
+                    + ", ".join(f"{i} ({n} pixels)" for i, n in bad[:10])
+                    + f"; expected {what} in {allowed.tolist()}. Is the file in another "
+                    f"convention (e.g. trainIds instead of labelIds)?")
 
 
 def atomic_path(path):
@@ -202,18 +258,43 @@ def atomic_path(path):
     return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
+class WriteError(OSError):
+    """A file could not be written (unwritable or full disk, a file where a folder should be):
+    the message names the real path, never the temporary one."""
+
+
+def write_error(path, e):
+    """A WriteError naming `path` (the final name) and the system's reason."""
+    reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+    hint = ("the disk is full: free some space" if getattr(e, "errno", None) in (28, 27, 122)
+            else "check that the folder exists, is a folder, and is writable")
+    err = WriteError(f"cannot write {path}: {reason} ({hint})")
+    err.errno = getattr(e, "errno", None)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_write(path):
-    """Yield a temporary path; on success rename it to `path` (never a half file)."""
+    """Yield a temporary path; on success rename it to `path` (never a half file).
+    An OSError while writing becomes a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(path, e) from None
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except WriteError:
+            raise
+        except OSError as e:
+            raise write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def save_png(path, array, palette=False):
@@ -422,6 +503,17 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
+        img, maps = self.load(i)
+        img_t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps.values()]
+        img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter,
+                                        self.base)
+        out = {"image": img_t, "index": i, **dict(zip(maps, maps_t))}
+        out["valid"] = out["valid"] == 1
+        return out
+
+    def load(self, i):
+        """Item i as stored, decoded and checked: (image (H, W, 3), {name: (H, W) map})."""
         path, lab_path = self.items[i]
         img_path = self.image_for(path) if self.image_for else path
         img = read_image(img_path)
@@ -433,18 +525,51 @@ class SegDataset(torch.utils.data.Dataset):
             p = Path(fn(path))
             if not p.exists():
                 raise DataError(f"{p} not found (the {name} map of {img_path})")
-            maps[name] = np.asarray(Image.open(p))
+            try:
+                with Image.open(p) as im:
+                    maps[name] = np.asarray(im)
+            except Exception as e:
+                raise DataError(f"{p}: cannot decode the {name} map ({type(e).__name__}: {e})") from None
         for name, m in maps.items():
             if m.shape != (h, w):
                 raise DataError(f"{img_path}: the {name} map is {m.shape[1]}x{m.shape[0]} but the "
                                 f"image is {w}x{h}")
-        img_t = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        maps_t = [torch.from_numpy(np.array(m, dtype=np.uint8)) for m in maps.values()]
-        img_t, maps_t = joint_transform(img_t, maps_t, self.crop, self.scale, self.flip, self.jitter,
-                                        self.base)
-        out = {"image": img_t, "index": i, **dict(zip(maps, maps_t))}
-        out["valid"] = out["valid"] == 1
-        return out
+        return img, maps
+
+
+def check_readable(datasets, workers=0, rank=0, world=1, desc="checking images"):
+    """Decode every file the datasets will read (images, labels, extra maps; no transform)
+    before training, in parallel threads with a progress bar, and raise one DataError
+    listing every unreadable item. datasets: SegDatasets, or lists of (image, label)
+    items of Cityscapes val. Under torchrun each rank checks a share and all learn the result."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    jobs = []
+    for ds in datasets:
+        if not isinstance(ds, SegDataset):
+            ds = SegDataset(ds, "cityscapes", crop=None, scale=None, flip=False)
+        jobs += [(ds, i) for i in range(len(ds))]
+    mine = jobs[rank::world]
+
+    def check(job):
+        try:
+            job[0].load(job[1])
+            return None
+        except DataError as e:
+            return str(e)
+    threads = max(1, workers or 1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        errors = [e for e in tqdm(pool.map(check, mine), total=len(mine), desc=desc,
+                                  disable=rank != 0, leave=False) if e]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, errors)
+        errors = [e for p in parts for e in p]
+    if errors:
+        shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise DataError(f"{len(errors)} of {len(jobs)} files this stage would read are unreadable:\n  "
+                        f"{shown}\nReplace or remove them (a stylized image or STM map: rerun the "
+                        f"stage that wrote it), then run again; nothing was changed.")
 
 
 def image_loader(paths, workers):
@@ -503,7 +628,7 @@ def build_resnet(name, weights="none", output_stride=16, flag="--weights"):
     try:
         net = ctor(weights=tv_weights, **kw)
     except Exception as e:  # no network, or a broken cache
-        raise RuntimeError(f"could not get torchvision's ImageNet weights for {name} "
+        raise DataError(f"could not get torchvision's ImageNet weights for {name} "
                            f"({type(e).__name__}: {e}). On an offline machine pass {flag} PATH "
                            f"(a torchvision-layout state dict) or {flag} none.") from None
     if output_stride == 16 and basic:
@@ -519,6 +644,13 @@ def build_resnet(name, weights="none", output_stride=16, flag="--weights"):
     if weights not in ("imagenet", "none", None):
         load_state_strict(net, weights, what=f"{flag} {weights}", optional_prefixes=("fc.",))
     return net
+
+
+class StateDictMismatch(DataError, KeyError):
+    """A weights file whose keys or shapes do not match the model (a KeyError as before)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 def load_state_strict(module, path_or_state, what="model", optional_prefixes=()):
@@ -553,7 +685,7 @@ def load_state_strict(module, path_or_state, what="model", optional_prefixes=())
             msg.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}")
         if shape:
             msg.append(f"  shape mismatches ({len(shape)}): {shape[:10]}")
-        raise KeyError("\n".join(msg))
+        raise StateDictMismatch("\n".join(msg))
     module.load_state_dict(state, strict=False)
     return module
 
@@ -1144,11 +1276,17 @@ class Stage:
         self.rank = get_rank()
 
     def resume_key(self):
-        skip = {"device", "workers", "eval_every", "log_every", "resume"}
+        skip = {"device", "workers", "eval_every", "log_every", "resume", "debug", "check_images"}
         return {k: v for k, v in sorted(vars(self.args).items()) if k not in skip}
 
-    def begin(self):
-        """Start (or resume) the stage. Returns True when resuming a matching run."""
+    def begin(self, check=()):
+        """Start (or resume) the stage. Returns True when resuming a matching run.
+
+        Validate first, clear late: every check that can fail on the user's input (flags,
+        upstream stages, data; with `check`, a decode of every file of those datasets,
+        see check_readable) runs before this clears the folder of a finished run."""
+        if check and getattr(self.args, "check_images", True):
+            check_readable(check, getattr(self.args, "workers", 0), self.rank, get_world())
         run = self.dir / "run.json"
         key = json.loads(json.dumps(self.resume_key(), default=_json_default))
         key["upstream"] = self.upstream_ids()
@@ -1161,10 +1299,13 @@ class Stage:
                     resuming = False
             if getattr(self.args, "resume", "auto") == "never":
                 resuming = False
-            if self.dir.exists() and not resuming:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(self.dir, e) from None
+            if not resuming:
                 for p in self.dir.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-            self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "manifest.json").unlink(missing_ok=True)
             for p in self.dir.rglob(".tmp-*"):
                 p.unlink()
@@ -1287,8 +1428,108 @@ def log0(*a, **k):
 # ============================================================================
 # Command line: one contract for every stage (DESIGN.md)
 # ============================================================================
+def _at_least(n):
+    return lambda v: v >= n, f"an integer >= {n}" if n else "a number >= 0"
+
+
+def _weights_flag(v):
+    return v in ("imagenet", "none", None) or Path(v).is_file()
+
+
+# What each flag accepts, by argparse dest, for every stage (StageParser checks them all
+# before a stage touches its folder). A flag missing here is not range-checked.
+FLAG_RULES = {
+    "seed": _at_least(0), "workers": _at_least(0),
+    "iters": _at_least(1), "batch_size": _at_least(1), "eval_every": _at_least(1),
+    "save_every": _at_least(1), "log_every": _at_least(1), "warmup_iters": _at_least(0),
+    "lr": (lambda v: v > 0, "a number > 0"), "head_lr_mult": (lambda v: v > 0, "a number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": _at_least(0),
+    "power": _at_least(0), "jitter": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "scale": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < MIN <= MAX"),
+    # below the output stride (16) a crop has a single feature position at the encoder output
+    "crop": (lambda v: min(v) >= 16, "W H, each at least 16 pixels (the model's output stride)"),
+    "source_eval": _at_least(0), "previews": _at_least(0), "gamma_reg": _at_least(0),
+    "weights": (_weights_flag, "imagenet, none or an existing state-dict file"),
+    "student_init": (lambda v: v == "warmup" or _weights_flag(v),
+                     "imagenet, none, warmup or an existing state-dict file"),
+    "encoder_weights": (_weights_flag, "imagenet, none or an existing state-dict file"),
+    # 03
+    "target_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "distance_threshold": (lambda v: v > 0, "a number > 0"),
+    "components": _at_least(1), "samples_per_class": _at_least(1), "min_per_component": _at_least(1),
+    "reg_covar": _at_least(0), "tol": (lambda v: v > 0, "a number > 0"), "max_iter": _at_least(1),
+    "calib_images": _at_least(1), "calib_pixels": _at_least(1), "chunk": _at_least(1),
+    # 04
+    "clusters": _at_least(1), "samples": _at_least(1),
+    "encoder_scale": (lambda v: v > 0, "a number > 0"),
+    # 05, 06
+    "alpha": _at_least(0), "beta": _at_least(0), "lam": _at_least(0),
+    "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ramp_up": _at_least(0), "ra_ops": _at_least(0),
+    "ra_magnitude": (lambda v: 0 <= v <= 1, "in [0, 1]"), "cutout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "rounds": _at_least(1), "kd_weight": _at_least(0),
+    "conf_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "scales": (lambda v: all(x > 0 for x in v), "numbers > 0"),
+    # export
+    "val_images": _at_least(1),
+}
+
+
+def check_flags(args):
+    """The flags of `args` that FLAG_RULES refuses, each as 'what was expected, what was
+    found', plus the checks that need several flags (BatchNorm batch, device)."""
+    bad = []
+    for k, v in vars(args).items():
+        if k in FLAG_RULES and v is not None:
+            ok, want = FLAG_RULES[k]
+            try:
+                good = ok(v)
+            except (TypeError, ValueError, IndexError):
+                good = False
+            if not good:
+                shown = " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+                bad.append(f"--{k.replace('_', '-')} must be {want}, got {shown}")
+    dev = getattr(args, "device", None)
+    if dev:
+        try:
+            d = torch.device(dev)
+        except (RuntimeError, ValueError):
+            bad.append(f"--device must be cpu, cuda or cuda:N, got {dev}")
+        else:
+            if d.type == "cuda" and not torch.cuda.is_available():
+                bad.append(f"--device {dev}: CUDA is not available on this machine (use --device cpu)")
+            elif d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+                bad.append(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if getattr(args, "batch_size", None) is not None and args.batch_size >= 1:
+        # train-mode BatchNorm (the image-pooling branch of ASPP sees one value per image)
+        # needs two images per normalisation group: per process, or across processes when
+        # SyncBatchNorm joins them (CUDA under torchrun, see wrap_ddp)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = (dev or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if args.batch_size * (world if cuda else 1) < 2:
+            bad.append(f"--batch-size {args.batch_size} gives BatchNorm one image per group: "
+                       f"use --batch-size 2 or more" + (" (SyncBatchNorm joins processes on CUDA "
+                                                        "only)" if world > 1 else ""))
+    return bad
+
+
+class StageParser(argparse.ArgumentParser):
+    """argparse with the checks of FLAG_RULES after parsing, and one-line errors: a bad
+    flag stops the stage before it reads or removes anything (exit status 2)."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        bad = check_flags(ns)
+        if bad:
+            self.error("; ".join(bad))
+        return ns
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag and "
+                     f"what it accepts; nothing was changed)\n")
+
+
 def base_parser(doc, training=False):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = StageParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("common")
     g.add_argument("--data", default="data", help="folder holding GTA5/, SYNTHIA/RAND_CITYSCAPES/, cityscapes/")
     g.add_argument("--work", default="work", help="folder holding the stage folders 01_stylize/ ... export/")
@@ -1298,6 +1539,8 @@ def base_parser(doc, training=False):
     g.add_argument("--workers", type=int, default=4, help="data-loading processes")
     g.add_argument("--resume", default="auto", choices=["auto", "never"],
                    help="auto: continue an interrupted run of this stage with the same arguments")
+    g.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an expected error (bad input, stale stage)")
     if training:
         t = p.add_argument_group("training (Sec. 4.2)")
         t.add_argument("--iters", type=int, default=90000, help="iterations (paper: 90,000)")
@@ -1322,6 +1565,9 @@ def base_parser(doc, training=False):
         t.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
         t.add_argument("--log-every", type=int, default=50)
         t.add_argument("--eval-flip", action="store_true", help="average predictions over a horizontal flip")
+        t.add_argument("--check-images", default=True, action=argparse.BooleanOptionalAction,
+                       help="decode every image and label the stage will read before the first "
+                            "iteration, and list all unreadable ones at once")
         t.add_argument("--amp", default=True, action=argparse.BooleanOptionalAction,
                        help="mixed precision on CUDA (ignored on CPU)")
         t.add_argument("--backbone", default="resnet101", choices=BACKBONES,
@@ -1441,6 +1687,16 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
         return cm, metrics
 
     metrics = None
+    if resume and last.exists() and ck.get("eval_pending"):
+        # last.pt was written before an evaluation that did not finish: do it now
+        cm, metrics = run_eval()
+        if rank == 0:
+            print(iou_table(cm, args.source, f"target val after {start} iterations"), flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iter": start, "val": metrics}) + "\n")
+            if metrics["miou"] > best["miou"]:
+                best = {**metrics, "iteration": start}
+                save_checkpoint(out_dir / "best.pt", **state(start))
     for it in range(start, args.iters):
         for g in opt.param_groups:
             g["lr"] = poly_lr(args.lr, it, args.iters, args.power, args.warmup_iters) * g["lr_mult"]
@@ -1471,7 +1727,12 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             hist, t_last, it_last = [], time.time(), done
-        if done % args.eval_every == 0 or done == args.iters:
+        due = done % args.eval_every == 0 or done == args.iters
+        # last.pt before the evaluation, so an evaluation that fails loses no training;
+        # eval_pending makes a run resumed from it evaluate that iteration first
+        if rank == 0 and (due or done % args.save_every == 0):
+            save_checkpoint(last, **state(done), eval_pending=due)
+        if due:
             cm, metrics = run_eval()
             if rank == 0:
                 print(iou_table(cm, args.source, f"target val after {done} iterations"), flush=True)
@@ -1483,8 +1744,6 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
                 if metrics["miou"] > best["miou"]:
                     best = {**metrics, "iteration": done}
                     save_checkpoint(out_dir / "best.pt", **state(done))
-        if rank == 0 and (done % args.save_every == 0 or done == args.iters):
-            save_checkpoint(last, **state(done))
         barrier()
     if metrics is None:  # resumed at the end: evaluate once for the summary
         metrics = run_eval()[1]
@@ -1514,6 +1773,13 @@ def stylized_source(args, stage=None, raw=False):
     if m["args"]["source"] != args.source:
         raise StageError(f"{stage_dir(args.work, '01_stylize')} holds a stylized {m['args']['source']} "
                          f"but --source is {args.source}: run 01_stylize.py --source {args.source}")
+    excluded = m.get("excluded") or {}
+    if excluded:  # unreadable source images that 01 recorded: every later stage skips them
+        first = next(iter(excluded.items()))
+        warn(f"{len(excluded)} source image(s) excluded by 01_stylize because they are unreadable, "
+             f"e.g. {first[1]} (listed in {stage_dir(args.work, '01_stylize') / 'manifest.json'}; "
+             f"replace them and rerun 01_stylize.py to use them)")
+        items = [it for it in items if item_name(it[0]) not in excluded]
     image_for = InFolder(stage_dir(args.work, "01_stylize") / "images")
     missing = [p for p, _ in items if not image_for(p).exists()]
     if missing:
@@ -1558,6 +1824,22 @@ def check_made_from(stage, name, made_from):
         raise StageError(f"{stage_dir(stage.args.work, name)} is stale: it was made from another run "
                          f"of {STAGES[made_from]} than {stage_dir(stage.args.work, made_from)}: "
                          f"run {STAGES[name]} again")
+
+
+def check_stm_chain(stage):
+    """The transferability maps of 04 must come from the run of 03 this stage uses: Eq. (8)
+    groups the target pixels by 03's pseudo labels. A 04 that grouped them by the warm-up
+    argmax is accepted only when asked for (04_stm.py --entropy-labels argmax), not when
+    04 fell back to it because 03 had not finished."""
+    m4 = stage.upstream["04_stm"]
+    used = m4.get("summary", {}).get("entropy_labels", "")
+    if "03_maps" in used or "03_maps" in m4.get("upstream", {}):
+        check_made_from(stage, "04_stm", "03_maps")
+    elif m4.get("args", {}).get("entropy_labels") != "argmax":
+        raise StageError(f"{stage_dir(stage.args.work, '04_stm')} grouped Eq. (8) by the warm-up "
+                         f"argmax because 03_maps had not finished when it ran: run 04_stm.py again "
+                         f"(the paper's setting), or 04_stm.py --entropy-labels argmax to ask for "
+                         f"the argmax")
 
 
 def source_dataset(args, stage, use_stm=True):
@@ -1642,3 +1924,39 @@ def teacher_forward(teacher, x):
 
 def upsample(logits, size):
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+# ============================================================================
+# Expected errors: one line and a non-zero exit status (a traceback only with --debug)
+# ============================================================================
+# What a user can cause and fix: bad input, a missing or stale stage, a file that cannot
+# be written, a diverging run. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (DataError, StageError, WriteError, NonFiniteLoss, FileNotFoundError,
+                   PermissionError, IsADirectoryError, NotADirectoryError)
+HINTS = {DataError: "fix, replace or give the file or folder named above",
+         StageError: "run the script named above",
+         WriteError: "",
+         NonFiniteLoss: "lower --lr, or check the input data (try --no-amp on CUDA)",
+         FileNotFoundError: "check the path", PermissionError: "check the permissions",
+         IsADirectoryError: "", NotADirectoryError: ""}
+
+
+def run_main(main, argv=None):
+    """Run a stage's main(); an expected error prints `error: ...` (and a hint) on stderr and
+    exits with status 1, without a traceback unless --debug is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rc = main(argv)
+    except EXPECTED_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        hint = next((h for t, h in HINTS.items() if isinstance(e, t)), "")
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if get_rank() == 0:
+            print(f"error: {msg}" + (f"\nhint: {hint} (--debug shows the traceback)" if hint else ""),
+                  file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -73,6 +73,20 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
+class WriteError(OSError):
+    """An output cannot be written (unwritable or full disk, a file where a folder should
+    be); the message names the real path, never the temporary one."""
+
+
+def _write_error(path, e):
+    reason = e.strerror or str(e)
+    hint = ("the disk is full: free some space" if e.errno in (27, 28, 122)
+            else "give --out a writable folder")
+    err = WriteError(f"cannot write {path}: {reason} ({hint})")
+    err.errno = e.errno
+    return err
+
+
 # ============================================================================
 # onnxruntime: providers and sessions (no torch on this path)
 # ============================================================================
@@ -273,7 +287,6 @@ def _save_png(path, array, text=None):
     """Write a PNG atomically (temporary name in the same folder, then rename)."""
     from PIL import PngImagePlugin
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = None
     if text:
         info = PngImagePlugin.PngInfo()
@@ -281,10 +294,28 @@ def _save_png(path, array, text=None):
             info.add_text(k, v)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def check_out_dir(out):
+    """Create --out and prove that a file can be written in it, or raise WriteError."""
+    out = Path(out)
+    probe = out / f".tmp-{uuid.uuid4().hex[:8]}-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+    except OSError as e:
+        raise _write_error(out, e) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def collect_inputs(paths, out_dir):
@@ -338,6 +369,7 @@ def predict_main(argv):
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip images whose three outputs exist (outputs are written atomically)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
     a = p.parse_args(argv)
     try:
         sess, meta, note = load_model(a.model, a.provider, a.threads)
@@ -347,6 +379,11 @@ def predict_main(argv):
     if note:
         print(note, file=sys.stderr)
     out = Path(a.out)
+    try:
+        check_out_dir(out)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     items, missing, skipped = collect_inputs(a.images, out)
     failed = [(m, "not found") for m in missing]
     for m in missing:
@@ -379,6 +416,10 @@ def predict_main(argv):
         except ImageError as e:
             failed.append((path, str(e)))
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
+        except WriteError as e:  # the disk filled up, the folder went away: stop here
+            failed.append((path, str(e)))
+            tqdm.write(f"error: {e}; stopped after {done} image(s)", file=sys.stderr)
+            break
     dt = time.time() - t0
     prov = sess.get_providers()[0]
     print(f"{done} image(s) labelled in {dt:.1f} s ({done / max(dt, 1e-9):.2f} images/s, {prov}), "
@@ -662,13 +703,28 @@ def export_main(argv):
 def main(argv=None):
     """`export` (the default) or `predict`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "predict":
-        return predict_main(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__ + "\nsubcommands: export (default; `export_onnx.py export -h`), "
-              "predict (`export_onnx.py predict -h`)")
-        return 0
-    return export_main(argv[1:] if argv and argv[0] == "export" else argv)
+    try:
+        if argv and argv[0] == "predict":
+            return predict_main(argv[1:])
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__ + "\nsubcommands: export (default; `export_onnx.py export -h`), "
+                  "predict (`export_onnx.py predict -h`)")
+            return 0
+        return export_main(argv[1:] if argv and argv[0] == "export" else argv)
+    except Exception as e:  # expected errors: one line (the traceback with --debug)
+        if "--debug" in argv or not _expected(e):
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 1
+
+
+def _expected(e):
+    """Bad input, a missing stage, an unwritable output: not a bug (common's list when the
+    export path has imported it; predict never imports common or torch)."""
+    ours = (ModelError, ImageError, ExportError, WriteError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError)
+    common = sys.modules.get("common")
+    return isinstance(e, ours + (tuple(common.EXPECTED_ERRORS) if common else ()))
 
 
 if __name__ == "__main__":
