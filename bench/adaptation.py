@@ -1,0 +1,173 @@
+"""bench/adaptation.py: does the method adapt? The toy pipeline over several seeds, with
+the paper's ablations on the same seeds.
+
+    python bench/adaptation.py                      # 3 seeds, the demo's configuration
+    python bench/adaptation.py --seeds 0 1 2 3 4 --out bench/out/adaptation
+
+For every seed it runs `demo.py --seed S` (toy data generated with that seed, then 01 ... 06
+with the demo's flags), then on the same 01-04 artifacts:
+  - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
+  - Table 3 / 5: 03 with --pla centroid at the same pseudo-label ratio as MAPs, and the
+    accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth.
+It prints per-seed target mIoU (toy Cityscapes val) of 02, 05 (student and EMA teacher)
+and 06 (each round), the mean and the spread (sample standard deviation) over seeds,
+and the paired gains 05 - 02 and 06 - 05. The figures are read from the stages'
+manifests; every command is printed. A rerun reuses finished runs (each stage resumes
+from its own folder), so an interrupted benchmark can simply be started again; a seed
+folder whose work/ already holds a finished pipeline (for example the data/ and work/
+of a `python demo.py` run, linked as <out>/seed0/data and <out>/seed0/work) is reused.
+Seeds can run side by side: `--seeds 1` and `--seeds 2` in two shells with
+OMP_NUM_THREADS=1, then the full list once more to print the table.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import demo  # noqa: E402  (the demo's per-stage flags are the benchmark's)
+
+
+def run(cmd, log):
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True, stdout=f,
+                       stderr=subprocess.STDOUT)
+
+
+def manifest(work, stage):
+    return json.loads((Path(work) / stage / "manifest.json").read_text())
+
+
+def flags(stage, small=False):
+    return dict(demo.configs(small))[stage]
+
+
+def link_upstream(src, dst, stages):
+    """A work folder for an ablation that shares the finished upstream stages of `src`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for s in stages:
+        link = dst / s
+        if not link.exists():
+            link.symlink_to((src / s).resolve(), target_is_directory=True)
+
+
+def with_flag(args, name, value):
+    """The demo's flags with one flag's value replaced (or added)."""
+    args = list(args)
+    if name in args:
+        args[args.index(name) + 1] = str(value)
+    else:
+        args += [name, str(value)]
+    return args
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="bench/out/adaptation", help="data and work folders per seed")
+    p.add_argument("--small", action="store_true", help="the demo's small configuration (a smoke run)")
+    p.add_argument("--no-ablations", action="store_true", help="only the pipeline per seed")
+    a = p.parse_args(argv)
+    out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    t0 = time.time()
+    rows = []
+    for seed in a.seeds:
+        base = out / f"seed{seed}"
+        data, work = base / "data", base / "work"
+        log = base / "log.txt"
+        base.mkdir(parents=True, exist_ok=True)
+        common = ["--data", data, "--work", work, "--seed", seed, "--device", "cpu"]
+        if not (work / "export" / "manifest.json").exists():
+            run(["demo.py", "--data", data, "--work", work, "--seed", seed]
+                + (["--small"] if a.small else []), log)
+        else:  # a finished pipeline (e.g. the README's `python demo.py`, linked here): reuse it
+            print(f"seed {seed}: reusing the finished pipeline in {work}", flush=True)
+        row = {"seed": seed,
+               "02": manifest(work, "02_warmup")["summary"]["target_miou"],
+               "02_source": manifest(work, "02_warmup")["summary"].get("source_miou"),
+               "05": manifest(work, "05_selftrain")["summary"]["target_miou"],
+               "05_teacher": manifest(work, "05_selftrain")["summary"].get("teacher_target_miou"),
+               "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]]}
+        s3 = manifest(work, "03_maps")["summary"]
+        row["pl_maps"] = {"ratio": s3.get("pl_ratio"), "accuracy": s3.get("accuracy"), "miou": s3.get("miou")}
+        if not a.no_ablations:
+            # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
+            for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")):
+                w = base / f"work_{name}"
+                link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
+                run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
+                     *flags("05_selftrain", a.small), flag], log)
+                row[f"05_{name}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
+            # ---- Table 3 / 5: centroid pseudo labels at the MAPs ratio ----
+            w = base / "work_centroid"
+            link_upstream(work, w, ("01_stylize", "02_warmup"))
+            f3 = with_flag(flags("03_maps", a.small), "--target-ratio", round(s3["pl_ratio"], 4))
+            run(["03_maps.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu", *f3,
+                 "--pla", "centroid"], log)
+            c3 = manifest(w, "03_maps")["summary"]
+            row["pl_centroid"] = {"ratio": c3.get("pl_ratio"), "accuracy": c3.get("accuracy"),
+                                  "miou": c3.get("miou")}
+        rows.append(row)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+    # ============ the report ============
+    def fmt(x):
+        return "  -  " if x is None else f"{x:5.1f}"
+    n6 = max(len(r["06"]) for r in rows)
+    head = ["seed", "02", "05", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)], "05-02", "06-05"]
+    if not a.no_ablations:
+        head += ["noSTM", "noCons"]
+    print("\n" + "=" * 78)
+    print(f"BiSMAP toy adaptation over seeds {a.seeds} (target: toy Cityscapes val, mIoU %), "
+          f"{time.time() - t0:.0f} s")
+    print("=" * 78)
+    print(" ".join(f"{h:>7}" for h in head))
+    cols = {h: [] for h in head[1:]}
+    for r in rows:
+        vals = [r["02"], r["05"], r["05_teacher"], *r["06"], r["05"] - r["02"], r["06"][-1] - r["05"]]
+        if not a.no_ablations:
+            vals += [r["05_no_stm"], r["05_no_consistency"]]
+        for h, v in zip(head[1:], vals):
+            cols[h].append(v)
+        print(f"{r['seed']:>7} " + " ".join(f"{fmt(v):>7}" for v in vals))
+    ms = {h: mean_sd(v) for h, v in cols.items()}
+    print(f"{'mean':>7} " + " ".join(f"{fmt(ms[h][0]):>7}" for h in head[1:]))
+    print(f"{'spread':>7} " + " ".join(f"{fmt(ms[h][1]):>7}" for h in head[1:]))
+    spread = max(ms["02"][1], ms["05"][1])
+    gain = ms["05"][0] - ms["02"][0]
+    print(f"\n05 vs 02: mean gain {gain:+.1f} mIoU; seed spread (sd of 02, of 05) "
+          f"{ms['02'][1]:.1f}, {ms['05'][1]:.1f}: "
+          + ("05 beats 02 by more than the spread" if gain > spread else "NOT beyond the spread"))
+    g6 = ms[f"06 r{n6}"][0] - ms["05"][0]
+    print(f"06 (last round) vs 05: mean {g6:+.1f} mIoU: " + ("06 >= 05" if g6 >= 0 else "06 < 05"))
+    if not a.no_ablations:
+        print("\nTable 4 on the toy data (mean over seeds, target mIoU %):")
+        for label, h in (("02 warm-up (GPA baseline)", "02"), ("05 without STM", "noSTM"),
+                         ("05 without consistency", "noCons"), ("05 full (STM + MAPs + consistency)", "05"),
+                         (f"06 distillation (round {n6})", f"06 r{n6}")):
+            print(f"  {label:<38} {ms[h][0]:5.1f} +- {ms[h][1]:.1f}")
+        print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %):")
+        for r in rows:
+            m, c = r["pl_maps"], r["pl_centroid"]
+            print(f"  seed {r['seed']}: MAPs ratio {100 * m['ratio']:.1f}% accuracy {100 * m['accuracy']:.1f} "
+                  f"mIoU {m['miou']:.1f} | centroid ratio {100 * c['ratio']:.1f}% accuracy "
+                  f"{100 * c['accuracy']:.1f} mIoU {c['miou']:.1f}")
+    print(f"\nresults: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
