@@ -31,9 +31,9 @@ Real data (one GPU; paper: 4 source + 4 target per step, 90k iterations):
     python 05_selftrain.py --data data --work work --source gta5
   several GPUs:  torchrun --nproc_per_node 4 05_selftrain.py --batch-size 1 ...
 Toy data (CPU):
-    python 05_selftrain.py --iters 300 --batch-size 4 --crop 128 64 --eval-every 300 --workers 0
+    python 05_selftrain.py --iters 200 --batch-size 4 --crop 128 64 --eval-every 200 --workers 0
   (the paper's lambda = 20 and lr 5e-4; the lr warm-up and lambda ramp-up take the
-  official fractions of the 300 iterations)
+  official fractions of the 200 iterations)
 Table 4 ablations: --no-stm (uniform source weights), --no-consistency; Table 3: run
 03_maps.py --pla centroid|confidence first (05 trains on whatever 03 wrote).
 """

@@ -20,8 +20,8 @@ Real data (one GPU):
     python 06_distill.py --data data --work work --student-init pretrained/r101_1x_sk0.pth
   several GPUs:  torchrun --nproc_per_node 4 06_distill.py --batch-size 1 ...
 Toy data (CPU):
-    python 06_distill.py --student-init warmup --iters 250 --batch-size 4 --crop 128 64 \
-        --eval-every 250 --workers 0
+    python 06_distill.py --student-init warmup --rounds 1 --iters 200 --batch-size 4 --crop 128 64 \
+        --eval-every 200 --workers 0
   (no SimCLRv2 weights exist for the toy data: the student starts from 02's backbone)
 
 Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101
