@@ -1,5 +1,7 @@
 """Self-training losses and augmentation (05_selftrain.py, common.py), by hand."""
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import load_stage
+from conftest import load_stage, run_stage
 
 st = load_stage("05_selftrain")
 LOG2 = math.log(2)
@@ -39,16 +41,53 @@ def test_symmetric_ce_eq11():
 
 
 def test_kl_consistency_eq12():
+    """Eq. (12) at the official scale: the per-pixel KL(p~ || p) divided by C (the mean
+    over (pixel, class) elements of nn.KLDivLoss()), averaged over the kept pixels."""
     t = torch.zeros(1, 2, 1, 2)                                            # p~ = (0.5, 0.5)
     assert common.kl_divergence(t, t.clone()).item() == pytest.approx(0, abs=1e-7)
     s = torch.log(torch.tensor([0.25, 0.75])).view(1, 2, 1, 1).expand(1, 2, 1, 2)
-    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    want = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)) / 2  # / C, C = 2
     assert common.kl_divergence(t, s).item() == pytest.approx(want, rel=1e-6)
     # cut-out pixels are excluded: the mean is over kept pixels only
     s2 = s.clone()
     s2[..., 1] = torch.tensor([10.0, -10.0]).view(2, 1)                   # a wild pixel, masked out
     mask = torch.tensor([[[True, False]]])
     assert common.kl_divergence(t, s2, mask).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_kl_consistency_eq12_three_classes_and_mask():
+    """C = 3, two kept pixels with different KLs and one cut-out pixel: the mean over
+    the kept pixels of sum_c p~_c log(p~_c / p_c), divided by 3."""
+    pt = [(0.5, 0.3, 0.2), (0.1, 0.1, 0.8), (1 / 3, 1 / 3, 1 / 3)]      # teacher, per pixel
+    ps = [(0.2, 0.5, 0.3), (0.6, 0.3, 0.1), (0.98, 0.01, 0.01)]         # student, per pixel
+    teach = torch.log(torch.tensor(pt)).T.reshape(1, 3, 1, 3)            # (B, C, H, W)
+    stud = torch.log(torch.tensor(ps)).T.reshape(1, 3, 1, 3) + 7.0       # logits: any offset
+    kl0 = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.3)
+    kl1 = 0.1 * math.log(0.1 / 0.6) + 0.1 * math.log(0.1 / 0.3) + 0.8 * math.log(0.8 / 0.1)
+    kl2 = sum(1 / 3 * math.log((1 / 3) / q) for q in ps[2])
+    keep = torch.tensor([[[True, True, False]]])                         # pixel 2 is cut out
+    assert common.kl_divergence(teach, stud, keep).item() == pytest.approx((kl0 + kl1) / 2 / 3, rel=1e-5)
+    assert common.kl_divergence(teach, stud).item() == pytest.approx((kl0 + kl1 + kl2) / 3 / 3, rel=1e-5)
+    # a batch of two crops, masks per crop: the mean runs over the kept pixels of both
+    teach2, stud2 = torch.cat([teach, teach.flip(-1)]), torch.cat([stud, stud.flip(-1)])
+    keep2 = torch.tensor([[[True, False, False]], [[False, False, True]]])   # pixel 0, then pixel 0 flipped
+    assert common.kl_divergence(teach2, stud2, keep2).item() == pytest.approx(kl0 / 3, rel=1e-5)
+    # nothing kept: zero, not NaN
+    assert common.kl_divergence(teach, stud, torch.zeros(1, 1, 3, dtype=torch.bool)).item() == 0
+
+
+@pytest.mark.filterwarnings("ignore:reduction")     # torch's note on 'mean': the scale we want
+def test_kl_consistency_eq12_is_kldivloss_mean_over_kept_pixels():
+    """The scale lambda = 20 was tuned for: torch's nn.KLDivLoss() (reduction 'mean':
+    every (pixel, class) element) on the kept pixels, student log-probabilities as input
+    and teacher probabilities as target, as in the official consistency term
+    (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step)."""
+    g = torch.Generator().manual_seed(0)
+    teach, stud = torch.randn(2, 19, 6, 5, generator=g) * 3, torch.randn(2, 19, 6, 5, generator=g) * 3
+    keep = torch.rand(2, 6, 5, generator=g) > 0.3
+    ref = torch.nn.KLDivLoss()(stud.log_softmax(1).permute(0, 2, 3, 1)[keep],
+                               teach.softmax(1).permute(0, 2, 3, 1)[keep])
+    assert common.kl_divergence(teach, stud, keep).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_ema_update():
@@ -115,3 +154,192 @@ def test_stm_map_follows_the_image_through_the_dataset(tmp_path):
         # resized bilinearly and the map by nearest neighbour; a flip or shift would differ by far more
         assert (b["stm"][v].int() - b["image"][0][v].int()).abs().max() <= 6
         assert (b["label"][~v] == 255).all()
+
+
+# ============ the EMA teacher's forward (issue 11: as in the official code) ============
+def _mode_recorder(model):
+    """Forward hooks on every BatchNorm2d and dropout module of `model`: each call appends
+    (kind, module.training) to the returned list while the forward runs."""
+    seen, handles = [], []
+    for m in model.modules():
+        kind = "bn" if isinstance(m, torch.nn.BatchNorm2d) else \
+            "dropout" if isinstance(m, torch.nn.modules.dropout._DropoutNd) else None
+        if kind:
+            handles.append(m.register_forward_hook(lambda mod, i, o, k=kind: seen.append((k, mod.training))))
+    return seen, handles
+
+
+def test_teacher_forward_batch_norm_in_training_mode_and_dropout_off():
+    torch.manual_seed(0)
+    teacher = common.build_model("resnet18").eval()          # 05 keeps its teacher in eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    n_drop = sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in teacher.modules())
+    assert n_bn > 0 and n_drop == 1                          # the Dropout2d before the classifier
+    a, b, c = (torch.randn(1, 3, 64, 64) for _ in range(3))
+    seen, handles = _mode_recorder(teacher)
+    out_ab = common.teacher_forward(teacher, torch.cat([a, b]))[1]
+    for h in handles:
+        h.remove()
+    # during the forward: every BN normalises with the batch's statistics, every dropout is off
+    assert sorted(seen) == sorted([("bn", True)] * n_bn + [("dropout", False)] * n_drop)
+    assert not out_ab.requires_grad
+    # batch statistics: the same image in another batch gets other logits ...
+    out_ac = common.teacher_forward(teacher, torch.cat([a, c]))[1]
+    assert (out_ab[0] - out_ac[0]).abs().max() > 1e-3
+    # ... which the running statistics would not give (the eval-mode check of the test itself)
+    teacher.eval()
+    with torch.no_grad():
+        assert torch.allclose(teacher(torch.cat([a, b]))[1][0], teacher(torch.cat([a, c]))[1][0], atol=1e-4)
+    # dropout off: two calls on the same batch agree exactly ...
+    assert torch.equal(common.teacher_forward(teacher, torch.cat([a, b]))[1], out_ab)
+    # ... where the model in plain training mode (dropout on) does not
+    teacher.train()
+    with torch.no_grad():
+        assert not torch.equal(teacher(torch.cat([a, b]))[1], teacher(torch.cat([a, b]))[1])
+
+
+# ============ the learning-rate warm-up (issue 11) ============
+def test_poly_lr_with_linear_warmup():
+    # it < W: base * (it + 1) / W; then the poly schedule of the whole run, base * (1 - it/T)^p
+    assert [common.poly_lr(2.0, it, 100, 0.9, warmup=4) for it in range(4)] == \
+        pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert common.poly_lr(2.0, 4, 100, 0.9, warmup=4) == pytest.approx(2.0 * (1 - 4 / 100) ** 0.9)
+    assert common.poly_lr(2.0, 60, 100, 0.9, warmup=4) == pytest.approx(2.0 * 0.4 ** 0.9)
+    assert common.poly_lr(2.0, 0, 100, 0.9, warmup=0) == 2.0                  # no warm-up
+    lrs = [common.poly_lr(1.0, it, 90000, 0.9, warmup=400) for it in range(400)]
+    assert lrs[0] == pytest.approx(1 / 400) and lrs[-1] == pytest.approx(1.0)
+    assert all(x < y for x, y in zip(lrs, lrs[1:]))                           # rises linearly
+
+
+def test_official_fraction():
+    assert common.official_fraction(90000, 400) == 400                       # the official schedule
+    assert common.official_fraction(90000, 4000) == 4000
+    assert common.official_fraction(900, 400) == 4                           # 400 * 900 / 90000
+    assert common.official_fraction(900, 4000) == 40
+    assert common.official_fraction(45000, 400) == 200
+    assert common.official_fraction(10, 400) == 1                            # at least one iteration
+    assert common.official_fraction(900, 0) == 0                             # none stays none
+
+
+def _resolved_args(script, monkeypatch, tmp_path, *argv, upstream="02_warmup"):
+    """The arguments a stage script resolves before it starts (seen by common.start); the
+    empty work folder then stops it at its first upstream manifest."""
+    got = {}
+    real = common.start
+
+    def spy(args, name):
+        got.update(vars(args))
+        return real(args, name)
+    monkeypatch.setattr(common, "start", spy)
+    with pytest.raises(common.StageError, match=f"run {upstream}.py first"):
+        load_stage(script).main(["--data", str(tmp_path), "--work", str(tmp_path / "work"), *argv])
+    return got
+
+
+def test_warmup_and_ramp_up_default_to_the_official_fractions(monkeypatch, tmp_path):
+    a = _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "900")
+    assert a["warmup_iters"] == 4 and a["ramp_up"] == 40
+    a = _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "90000")
+    assert a["warmup_iters"] == 400 and a["ramp_up"] == 4000
+    a = _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "900",
+                       "--warmup-iters", "7", "--ramp-up", "0")
+    assert a["warmup_iters"] == 7 and a["ramp_up"] == 0                      # given values are kept
+
+
+# ============ one real 05 run on the toy data, watched by hooks ============
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def selftrain(warmup_work, toy_data, tmp_path_factory):
+    """05 for 2 iterations on the toy data after the tiny warm-up, with hand-made 03 and 04
+    outputs (the ground truth as pseudo labels; a constant STM weight): the forwards do
+    not depend on their values. Hooks on the student and on the EMA teacher record every
+    forward: the step it belongs to, the input batch, and the mode of every BatchNorm2d
+    and dropout module during it. Returns (work folder, records, models)."""
+    work = tmp_path_factory.mktemp("selftrain") / "work"
+    shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt"))
+    warm = common.read_manifest(work, "02_warmup")
+    for p, lab in common.cityscapes_items(toy_data, "train"):
+        common.save_png(work / "03_maps" / "labels" / common.item_name(p), common.decode_label(lab, "cityscapes"))
+    for p, lab in common.source_items(toy_data, "gta5"):
+        h, w = common.decode_label(lab, "gta5").shape
+        common.save_png(work / "04_stm" / "stm" / common.item_name(p), np.full((h, w), 200, np.uint8))
+    for name in ("03_maps", "04_stm"):
+        common.save_json(work / name / "manifest.json", {
+            "stage": name, "complete": True, "run_id": f"hand-made {name}", "args": {"source": "gta5"},
+            "upstream": {"02_warmup": warm["run_id"]}})
+
+    calls, models, step = [], {}, [None]
+
+    def watch(model, who):
+        def pre(m, inp):
+            calls.append({"who": who, "step": step[0], "x": inp[0].detach().clone(),
+                          "grad": torch.is_grad_enabled(), "bn": [], "dropout": []})
+        model.register_forward_pre_hook(pre)
+        for m in model.modules():
+            kind = "bn" if isinstance(m, torch.nn.BatchNorm2d) else \
+                "dropout" if isinstance(m, torch.nn.modules.dropout._DropoutNd) else None
+            if kind:
+                m.register_forward_hook(lambda mod, i, o, k=kind: calls[-1][k].append(mod.training))
+
+    real_loop = common.train_loop
+
+    def spy_loop(args, out_dir, model, step_loss, *a, **kw):
+        models["student"], models["teacher"] = model, kw["also_eval"]["teacher"]
+        watch(model, "student")
+        watch(models["teacher"], "teacher")
+
+        def step_loss_marked(it):
+            step[0] = it
+            try:
+                return step_loss(it)
+            finally:
+                step[0] = None
+        return real_loop(args, out_dir, model, step_loss_marked, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "train_loop", spy_loop)
+        run_stage("05_selftrain", "--data", toy_data, "--work", work, "--iters", "2", "--batch-size", BATCH,
+                  "--crop", "64", "32", "--workers", "0", "--eval-every", "2", "--log-every", "1")
+    return work, calls, models
+
+
+def test_selftrain_teacher_runs_on_batch_statistics_with_dropout_off(selftrain):
+    work, calls, models = selftrain
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in models["teacher"].modules())
+    for it in range(2):
+        teach = [c for c in calls if c["who"] == "teacher" and c["step"] == it]
+        assert len(teach) == 1                                  # one teacher forward per step
+        c = teach[0]
+        assert not c["grad"] and c["x"].shape[0] == BATCH
+        assert c["bn"] == [True] * n_bn                         # the target batch's statistics
+        assert c["dropout"] == [False]                          # the Dropout2d is off
+    # evaluated on val (the manifest's teacher_target_miou): running statistics, eval mode
+    ev = [c for c in calls if c["who"] == "teacher" and c["step"] is None]
+    assert ev and all(not any(c["bn"]) and not any(c["dropout"]) for c in ev)
+    s = json.loads((work / "05_selftrain" / "manifest.json").read_text())["summary"]
+    assert 0 <= s["teacher_target_miou"] <= 100
+
+
+def test_selftrain_student_forwards_each_view_separately(selftrain):
+    _, calls, _ = selftrain
+    for it in range(2):
+        stud = [c for c in calls if c["who"] == "student" and c["step"] == it]
+        teach = [c for c in calls if c["who"] == "teacher" and c["step"] == it][0]
+        # three forwards with gradients, each a batch of one view: source, clean target, phi(target)
+        assert len(stud) == 3 and all(c["grad"] for c in stud)
+        assert [c["x"].shape[0] for c in stud] == [BATCH] * 3
+        assert all(c["bn"] and all(c["bn"]) for c in stud)     # training mode, batch statistics
+        src, clean, aug = (c["x"] for c in stud)
+        assert torch.equal(clean, teach["x"])                   # the teacher sees the clean view
+        assert not torch.equal(aug, clean) and aug.shape == clean.shape
+        assert not torch.equal(src, clean)
+
+
+def test_selftrain_manifest_records_the_resolved_schedule(selftrain):
+    work, _, _ = selftrain
+    m = json.loads((work / "05_selftrain" / "manifest.json").read_text())
+    # --warmup-iters / --ramp-up not given: the official fractions of a 2-iteration run
+    assert m["args"]["warmup_iters"] == common.official_fraction(2, 400) == 1
+    assert m["args"]["ramp_up"] == common.official_fraction(2, 4000) == 1

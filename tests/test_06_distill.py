@@ -16,22 +16,69 @@ def test_kl_zero_when_student_equals_teacher_and_hand_value():
     assert ds.distill_kl(t, t.clone()).item() == pytest.approx(0, abs=1e-6)
     teach = torch.log(torch.tensor([0.5, 0.5])).view(1, 2, 1, 1)
     stud = torch.log(torch.tensor([0.2, 0.8])).view(1, 2, 1, 1)
-    want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    # the official scale: the per-pixel KL divided by C = 2
+    want = (0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)) / 2
     assert ds.distill_kl(teach, stud).item() == pytest.approx(want, rel=1e-6)
-    # the same as torch's kl_div used as documented (log q as input, p as target)
-    ref = F.kl_div(stud.log_softmax(1), teach.softmax(1), reduction="none").sum(1).mean()
+    # the same as torch's kl_div used as documented (log q as input, p as target), averaged
+    # over every (pixel, class) element
+    ref = F.kl_div(stud.log_softmax(1), teach.softmax(1), reduction="none").mean()
     assert ds.distill_kl(teach, stud).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_kl_three_classes_with_padding_mask():
+    teach = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])).T.reshape(1, 3, 1, 2)
+    stud = torch.log(torch.tensor([[0.25, 0.25, 0.5], [0.9, 0.05, 0.05]])).T.reshape(1, 3, 1, 2)
+    kl0 = 0.5 * math.log(0.5 / 0.25) + 0.3 * math.log(0.3 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    valid = torch.tensor([[[True, False]]])                   # pixel 1 is padding
+    assert ds.distill_kl(teach, stud, valid).item() == pytest.approx(kl0 / 3, rel=1e-5)
 
 
 def test_official_form_reproduced():
     teach = torch.log(torch.tensor([0.5, 0.5])).view(1, 2, 1, 1)
     stud = torch.log(torch.tensor([0.2, 0.8])).view(1, 2, 1, 1)
-    # kl_div(input = p_s, target = p_t) = sum_c p_t (log p_t - p_s): probabilities used as logs
-    want = 0.5 * (math.log(0.5) - 0.2) + 0.5 * (math.log(0.5) - 0.8)
+    # kl_div(input = p_s, target = p_t) = p_t (log p_t - p_s) per element (probabilities used
+    # as logs), averaged over the C = 2 elements of the pixel
+    want = (0.5 * (math.log(0.5) - 0.2) + 0.5 * (math.log(0.5) - 0.8)) / 2
     assert ds.distill_kl(teach, stud, official=True).item() == pytest.approx(want, rel=1e-6)
     # and it is not a divergence: it is not 0 when the student equals the teacher
     assert ds.distill_kl(teach, teach.clone(), official=True).item() == pytest.approx(
-        math.log(0.5) - 0.5, rel=1e-6)
+        (math.log(0.5) - 0.5) / 2, rel=1e-6)
+    # three classes, two pixels, one of them padding (left out of the mean)
+    teach = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])).T.reshape(1, 3, 1, 2)
+    stud = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])).T.reshape(1, 3, 1, 2)
+    want = (0.5 * (math.log(0.5) - 0.2) + 0.3 * (math.log(0.3) - 0.5) + 0.2 * (math.log(0.2) - 0.3)) / 3
+    got = ds.distill_kl(teach, stud, torch.tensor([[[True, False]]]), official=True)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def _official_distillation_term(target_outputUp, teacher_out):
+    """Test oracle: the distillation term of the official code, transcribed literally
+    (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step, the
+    `if self.cfg.training.distillation:` branch; the teacher's forward and the
+    interpolation to the student's size are left out: the logits come in at one size)."""
+    student = F.softmax(target_outputUp, dim=1)
+    teacher = F.softmax(teacher_out, dim=1)
+    loss_kd = F.kl_div(student, teacher, reduction='none')
+    mask = (teacher != 250).float()
+    loss_kd = (loss_kd * mask).sum() / mask.sum()
+    return loss_kd
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_official_kl_equals_the_official_expression(seed):
+    g = torch.Generator().manual_seed(seed)
+    stud = torch.randn(2, 19, 9, 13, generator=g) * 4
+    teach = torch.randn(2, 19, 9, 13, generator=g) * 4
+    want = _official_distillation_term(stud, teach).item()
+    assert ds.distill_kl(teach, stud, official=True).item() == pytest.approx(want, rel=1e-5)
+    # 06 passes the crop's valid mask; without padding it changes nothing
+    full = torch.ones(2, 9, 13, dtype=torch.bool)
+    assert ds.distill_kl(teach, stud, full, official=True).item() == pytest.approx(want, rel=1e-5)
+    # with padding (the last 4 columns): the official value on the valid part
+    valid = full.clone()
+    valid[..., 9:] = False
+    want_valid = _official_distillation_term(stud[..., :9], teach[..., :9]).item()
+    assert ds.distill_kl(teach, stud, valid, official=True).item() == pytest.approx(want_valid, rel=1e-5)
 
 
 def test_flip_averaged_pseudo_labels_are_flip_equivariant():
