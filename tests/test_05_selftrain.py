@@ -221,7 +221,7 @@ def test_official_fraction():
     assert common.official_fraction(900, 0) == 0                             # none stays none
 
 
-def _resolved_args(script, monkeypatch, tmp_path, *argv, upstream="02_warmup"):
+def _resolved_args(script, monkeypatch, tmp_path, *argv):
     """The arguments a stage script resolves before it starts (seen by common.start); the
     empty work folder then stops it at its first upstream manifest."""
     got = {}
@@ -231,7 +231,7 @@ def _resolved_args(script, monkeypatch, tmp_path, *argv, upstream="02_warmup"):
         got.update(vars(args))
         return real(args, name)
     monkeypatch.setattr(common, "start", spy)
-    with pytest.raises(common.StageError, match=f"run {upstream}.py first"):
+    with pytest.raises(common.StageError, match="run 02_warmup.py first"):
         load_stage(script).main(["--data", str(tmp_path), "--work", str(tmp_path / "work"), *argv])
     return got
 
@@ -250,19 +250,33 @@ def test_warmup_and_ramp_up_default_to_the_official_fractions(monkeypatch, tmp_p
 BATCH = 2
 
 
+def _few_targets(toy_data, dest, n=2):
+    """A copy of the toy data with only the first n Cityscapes train and val images (and
+    their labels): the stage's passes over the target set are then short."""
+    shutil.copytree(toy_data, dest)
+    for split in ("train", "val"):
+        for p in sorted((dest / "cityscapes" / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[n:]:
+            p.unlink()
+            (dest / "cityscapes" / "gtFine" / split / p.parent.name /
+             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")).unlink(missing_ok=True)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def selftrain(warmup_work, toy_data, tmp_path_factory):
-    """05 for 2 iterations on the toy data after the tiny warm-up, with hand-made 03 and 04
-    outputs (the ground truth as pseudo labels; a constant STM weight): the forwards do
-    not depend on their values. Hooks on the student and on the EMA teacher record every
-    forward: the step it belongs to, the input batch, and the mode of every BatchNorm2d
-    and dropout module during it. Returns (work folder, records, models)."""
-    work = tmp_path_factory.mktemp("selftrain") / "work"
-    shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt"))
+    """05 for 2 iterations on the toy data (2 target train and val images) after the tiny
+    warm-up, with hand-made 03 and 04 outputs (the ground truth as pseudo labels; a
+    constant STM weight): the forwards do not depend on their values. Hooks on the
+    student and on the EMA teacher record every forward: the step it belongs to, the
+    input batch, and the mode of every BatchNorm2d and dropout module during it.
+    Returns (work folder, records, models)."""
+    tmp = tmp_path_factory.mktemp("selftrain")
+    data, work = _few_targets(toy_data, tmp / "data"), tmp / "work"
+    shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt", "0[3-6]_*"))
     warm = common.read_manifest(work, "02_warmup")
-    for p, lab in common.cityscapes_items(toy_data, "train"):
+    for p, lab in common.cityscapes_items(data, "train"):
         common.save_png(work / "03_maps" / "labels" / common.item_name(p), common.decode_label(lab, "cityscapes"))
-    for p, lab in common.source_items(toy_data, "gta5"):
+    for p, lab in common.source_items(data, "gta5"):
         h, w = common.decode_label(lab, "gta5").shape
         common.save_png(work / "04_stm" / "stm" / common.item_name(p), np.full((h, w), 200, np.uint8))
     for name in ("03_maps", "04_stm"):
@@ -300,7 +314,7 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "train_loop", spy_loop)
-        run_stage("05_selftrain", "--data", toy_data, "--work", work, "--iters", "2", "--batch-size", BATCH,
+        run_stage("05_selftrain", "--data", data, "--work", work, "--iters", "2", "--batch-size", BATCH,
                   "--crop", "64", "32", "--workers", "0", "--eval-every", "2", "--log-every", "1")
     return work, calls, models
 
@@ -318,8 +332,21 @@ def test_selftrain_teacher_runs_on_batch_statistics_with_dropout_off(selftrain):
     # evaluated on val (the manifest's teacher_target_miou): running statistics, eval mode
     ev = [c for c in calls if c["who"] == "teacher" and c["step"] is None]
     assert ev and all(not any(c["bn"]) and not any(c["dropout"]) for c in ev)
+
+
+def test_selftrain_records_the_teachers_val_miou(selftrain):
+    """The manifest's teacher_target_miou (and the log's) is the saved EMA teacher's
+    target-val mIoU, evaluated here again from model.pt."""
+    work, _, _ = selftrain
     s = json.loads((work / "05_selftrain" / "manifest.json").read_text())["summary"]
-    assert 0 <= s["teacher_target_miou"] <= 100
+    ck = common.load_checkpoint(work / "05_selftrain" / "model.pt")
+    teacher = common.build_model(ck["args"]["backbone"])
+    common.load_state_strict(teacher, ck["extra"]["teacher"], what="05's EMA teacher")
+    cm = common.evaluate(teacher, common.target_val_items(work.parent / "data"), "cityscapes",
+                         torch.device("cpu"), "gta5")
+    assert s["teacher_target_miou"] == pytest.approx(common.summarize_iou(cm, "gta5")["miou"], abs=1e-9)
+    logged = [json.loads(x) for x in (work / "05_selftrain" / "log.jsonl").read_text().splitlines()]
+    assert [r["val"]["teacher_miou"] for r in logged if "val" in r] == [s["teacher_target_miou"]]
 
 
 def test_selftrain_student_forwards_each_view_separately(selftrain):

@@ -1,12 +1,14 @@
 """Distillation (06_distill.py): the KL term, the official form, flip-averaged labels."""
+import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
-from conftest import load_stage
+from conftest import load_stage, run_stage
 
 ds = load_stage("06_distill")
 
@@ -96,3 +98,88 @@ def test_confidence_threshold():
     prob = torch.tensor([[0.9, 0.45], [0.1, 0.55]]).view(1, 2, 1, 2)
     assert ds.pseudo_label(prob.clone(), 0.6).tolist() == [[0, 255]]
     assert ds.pseudo_label(prob.clone(), 0.0).tolist() == [[0, 1]]
+
+
+# ============ the lr warm-up default (issue 11) ============
+def test_warmup_iters_default_to_the_official_fraction(monkeypatch, tmp_path):
+    got, real = {}, common.start
+
+    def spy(args, name):                                      # the arguments 06 resolved
+        got.update(vars(args))
+        return real(args, name)
+    monkeypatch.setattr(common, "start", spy)
+    for iters, want in (("900", 4), ("90000", 400)):
+        with pytest.raises(common.StageError, match="run 05_selftrain.py first"):   # empty work folder
+            ds.main(["--data", str(tmp_path), "--work", str(tmp_path / "work"), "--iters", iters])
+        assert got["warmup_iters"] == want
+
+
+# ============ --student-init warmup on the toy data ============
+def _few_targets(toy_data, dest, n=2):
+    """A copy of the toy data with only the first n Cityscapes train and val images (and
+    their labels): the stage's passes over the target set are then short."""
+    shutil.copytree(toy_data, dest)
+    for split in ("train", "val"):
+        for p in sorted((dest / "cityscapes" / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[n:]:
+            p.unlink()
+            (dest / "cityscapes" / "gtFine" / split / p.parent.name /
+             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")).unlink(missing_ok=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def distill(warmup_work, toy_data, tmp_path_factory):
+    """06 --student-init warmup for one round of one iteration on the toy data (2 target
+    train and val images) after the tiny warm-up, with a hand-made 05 whose model is the
+    warm-up model (06 only reads it as the teacher). Returns (data folder, work folder,
+    the student's state dict as 06 hands it to training)."""
+    tmp = tmp_path_factory.mktemp("distill")
+    data, work = _few_targets(toy_data, tmp / "data"), tmp / "work"
+    shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt", "0[3-6]_*"))
+    warm = common.read_manifest(work, "02_warmup")
+    (work / "05_selftrain").mkdir()
+    shutil.copy(work / "02_warmup" / "model.pt", work / "05_selftrain" / "model.pt")
+    common.save_json(work / "05_selftrain" / "manifest.json", {
+        "stage": "05_selftrain", "complete": True, "run_id": "hand-made 05",
+        "args": {"backbone": warm["args"]["backbone"]}, "summary": {"target_miou": 0.0},
+        "upstream": {"02_warmup": warm["run_id"]}})
+    starts, real_loop = [], common.train_loop
+
+    def spy_loop(args, out_dir, model, *a, **kw):
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_loop(args, out_dir, model, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "train_loop", spy_loop)
+        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "warmup", "--no-stm",
+                  "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+                  "--crop", "64", "32", "--workers", "0")
+    return data, work, starts
+
+
+def test_student_init_warmup_takes_the_warmup_backbone_and_a_fresh_head(distill):
+    _, work, starts = distill
+    assert len(starts) == 1
+    student = starts[0]
+    warm = common.load_checkpoint(work / "02_warmup" / "model.pt")["model"]
+    assert student.keys() == warm.keys()
+    backbone = [k for k in warm if k.startswith("backbone.")]
+    head = [k for k in warm if not k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    assert backbone and head
+    for k in backbone:                                        # every tensor of 02's backbone
+        assert torch.equal(student[k], warm[k]), k
+    for k in head:                                            # the head starts fresh (random)
+        assert not torch.equal(student[k], warm[k]), k
+    m = json.loads((work / "06_distill" / "manifest.json").read_text())
+    assert m["summary"]["student_init"] == "warmup"
+    assert m["args"]["warmup_iters"] == common.official_fraction(1, 400) == 1   # resolved, recorded
+
+
+def test_student_init_warmup_refuses_another_backbone(distill):
+    data, work, _ = distill
+    with pytest.raises(common.StageError, match="02's backbone is resnet18 but the student's is resnet34"):
+        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "warmup",
+                  "--backbone", "resnet34", "--no-stm", "--rounds", "1", "--iters", "1", "--workers", "0")
+    # refused before anything was touched: the finished run is still there
+    assert json.loads((work / "06_distill" / "manifest.json").read_text())["complete"]
+    assert (work / "06_distill" / "model.pt").exists()
