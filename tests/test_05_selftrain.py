@@ -279,10 +279,10 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
     for p, lab in common.source_items(data, "gta5"):
         h, w = common.decode_label(lab, "gta5").shape
         common.save_png(work / "04_stm" / "stm" / common.item_name(p), np.full((h, w), 200, np.uint8))
-    for name in ("03_maps", "04_stm"):
-        common.save_json(work / name / "manifest.json", {
+    for name, up in (("03_maps", {}), ("04_stm", {"03_maps": "hand-made 03_maps"})):
+        common.save_json(work / name / "manifest.json", {   # 04 made from this 03, as 05 checks
             "stage": name, "complete": True, "run_id": f"hand-made {name}", "args": {"source": "gta5"},
-            "upstream": {"02_warmup": warm["run_id"]}})
+            "upstream": {"02_warmup": warm["run_id"], **up}})
 
     calls, models, step = [], {}, [None]
 
