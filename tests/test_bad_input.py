@@ -90,9 +90,9 @@ def test_unknown_label_ids_are_errors(tmp_path):
     cv2.imwrite(str(tmp_path / "s.png"), bgr)
     with pytest.raises(common.DataError, match=r"s\.png.*40 \(2 pixels\)"):
         common.decode_label(tmp_path / "s.png", "synthia")
-    syn[1, :2] = 16                                           # terrain: a SYNTHIA id, no 16-class trainId
+    syn[1, :2] = 16          # terrain: trained as trainId 9 (the official map), outside the 16 classes
     cv2.imwrite(str(tmp_path / "s.png"), np.stack([np.zeros_like(syn), np.full_like(syn, 500), syn], -1))
-    assert common.decode_label(tmp_path / "s.png", "synthia").tolist() == [[0, 255, 255], [255, 255, 255]]
+    assert common.decode_label(tmp_path / "s.png", "synthia").tolist() == [[0, 255, 255], [9, 9, 255]]
 
 
 # ============ defect 3: unreadable files are found before the first iteration ============
