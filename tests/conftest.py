@@ -48,3 +48,16 @@ def warmup_work(toy_data, tmp_path_factory):
     run_stage("02_warmup", "--data", toy_data, "--work", w, *TINY_TRAIN,
               "--iters", "30", "--eval-every", "30", "--source-eval", "8")
     return w
+
+
+def few_targets(toy_data, dest, n=2):
+    """A copy of the toy data with only the first n Cityscapes train and val images (and
+    their labels): the stage's passes over the target set are then short."""
+    import shutil
+    shutil.copytree(toy_data, dest)
+    for split in ("train", "val"):
+        for p in sorted((dest / "cityscapes" / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[n:]:
+            p.unlink()
+            (dest / "cityscapes" / "gtFine" / split / p.parent.name /
+             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")).unlink(missing_ok=True)
+    return dest

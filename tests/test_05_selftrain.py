@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import load_stage, run_stage
+from conftest import few_targets, load_stage, run_stage
 
 st = load_stage("05_selftrain")
 LOG2 = math.log(2)
@@ -250,18 +250,6 @@ def test_warmup_and_ramp_up_default_to_the_official_fractions(monkeypatch, tmp_p
 BATCH = 2
 
 
-def _few_targets(toy_data, dest, n=2):
-    """A copy of the toy data with only the first n Cityscapes train and val images (and
-    their labels): the stage's passes over the target set are then short."""
-    shutil.copytree(toy_data, dest)
-    for split in ("train", "val"):
-        for p in sorted((dest / "cityscapes" / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[n:]:
-            p.unlink()
-            (dest / "cityscapes" / "gtFine" / split / p.parent.name /
-             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")).unlink(missing_ok=True)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def selftrain(warmup_work, toy_data, tmp_path_factory):
     """05 for 2 iterations on the toy data (2 target train and val images) after the tiny
@@ -271,7 +259,7 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
     input batch, and the mode of every BatchNorm2d and dropout module during it.
     Returns (work folder, records, models)."""
     tmp = tmp_path_factory.mktemp("selftrain")
-    data, work = _few_targets(toy_data, tmp / "data"), tmp / "work"
+    data, work = few_targets(toy_data, tmp / "data"), tmp / "work"
     shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt", "0[3-6]_*"))
     warm = common.read_manifest(work, "02_warmup")
     for p, lab in common.cityscapes_items(data, "train"):

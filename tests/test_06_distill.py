@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import load_stage, run_stage
+from conftest import few_targets, load_stage, run_stage
 
 ds = load_stage("06_distill")
 
@@ -115,18 +115,6 @@ def test_warmup_iters_default_to_the_official_fraction(monkeypatch, tmp_path):
 
 
 # ============ --student-init warmup on the toy data ============
-def _few_targets(toy_data, dest, n=2):
-    """A copy of the toy data with only the first n Cityscapes train and val images (and
-    their labels): the stage's passes over the target set are then short."""
-    shutil.copytree(toy_data, dest)
-    for split in ("train", "val"):
-        for p in sorted((dest / "cityscapes" / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[n:]:
-            p.unlink()
-            (dest / "cityscapes" / "gtFine" / split / p.parent.name /
-             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")).unlink(missing_ok=True)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def distill(warmup_work, toy_data, tmp_path_factory):
     """06 --student-init warmup for one round of one iteration on the toy data (2 target
@@ -134,7 +122,7 @@ def distill(warmup_work, toy_data, tmp_path_factory):
     warm-up model (06 only reads it as the teacher). Returns (data folder, work folder,
     the student's state dict as 06 hands it to training)."""
     tmp = tmp_path_factory.mktemp("distill")
-    data, work = _few_targets(toy_data, tmp / "data"), tmp / "work"
+    data, work = few_targets(toy_data, tmp / "data"), tmp / "work"
     shutil.copytree(warmup_work, work, ignore=shutil.ignore_patterns("last.pt", "best.pt", "0[3-6]_*"))
     warm = common.read_manifest(work, "02_warmup")
     (work / "05_selftrain").mkdir()
