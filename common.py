@@ -1686,17 +1686,26 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
                 rank=rank, world=world, desc=f"eval {name}"), args.source)["miou"]
         return cm, metrics
 
+    def eval_and_report(at):
+        """Evaluate after `at` iterations: print the table, log it, keep best.pt."""
+        nonlocal best
+        cm, metrics = run_eval()
+        if rank == 0:
+            print(iou_table(cm, args.source, f"target val after {at} iterations"), flush=True)
+            for name in also_eval or {}:
+                print(f"{name}: target val mIoU {metrics[name + '_miou']:.1f} "
+                      f"(model {metrics['miou']:.1f})", flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iter": at, "val": metrics}) + "\n")
+            if metrics["miou"] > best["miou"]:
+                best = {**metrics, "iteration": at}
+                save_checkpoint(out_dir / "best.pt", **state(at))
+        return metrics
+
     metrics = None
     if resume and last.exists() and ck.get("eval_pending"):
         # last.pt was written before an evaluation that did not finish: do it now
-        cm, metrics = run_eval()
-        if rank == 0:
-            print(iou_table(cm, args.source, f"target val after {start} iterations"), flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"iter": start, "val": metrics}) + "\n")
-            if metrics["miou"] > best["miou"]:
-                best = {**metrics, "iteration": start}
-                save_checkpoint(out_dir / "best.pt", **state(start))
+        metrics = eval_and_report(start)
     for it in range(start, args.iters):
         for g in opt.param_groups:
             g["lr"] = poly_lr(args.lr, it, args.iters, args.power, args.warmup_iters) * g["lr_mult"]
@@ -1733,17 +1742,7 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
         if rank == 0 and (due or done % args.save_every == 0):
             save_checkpoint(last, **state(done), eval_pending=due)
         if due:
-            cm, metrics = run_eval()
-            if rank == 0:
-                print(iou_table(cm, args.source, f"target val after {done} iterations"), flush=True)
-                for name in also_eval or {}:
-                    print(f"{name}: target val mIoU {metrics[name + '_miou']:.1f} "
-                          f"(model {metrics['miou']:.1f})", flush=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"iter": done, "val": metrics}) + "\n")
-                if metrics["miou"] > best["miou"]:
-                    best = {**metrics, "iteration": done}
-                    save_checkpoint(out_dir / "best.pt", **state(done))
+            metrics = eval_and_report(done)
         barrier()
     if metrics is None:  # resumed at the end: evaluate once for the summary
         metrics = run_eval()[1]
