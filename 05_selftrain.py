@@ -14,9 +14,10 @@ and a batch of target images and minimises
 As in the official code (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step):
   - the teacher runs with batch norm in training mode (statistics of the current target
     batch) and its dropout off (common.teacher_forward);
-  - the student forwards the source batch, the clean target batch (L_sce) and the
-    augmented target batch (L_consist) separately, so each batch norm batch holds one
-    domain and one view;
+  - the student forwards the source batch, the augmented target batch (L_consist) and
+    the clean target batch (L_sce) separately and in this order, so each batch norm
+    batch holds one domain and one view, and the clean target, forwarded last, weighs
+    most in the running statistics used at evaluation;
   - the learning rate warms up linearly (official: 400 of 90,000 iterations) and lambda
     ramps up with exp(-5 (1 - t)^2) (official: 4,000 iterations); shorter schedules use
     the same fractions.
@@ -180,21 +181,25 @@ def main(argv=None):
         ys = s["label"].to(device)                                        # (B, H, W)
         ws = None if args.no_stm else s["stm"].to(device).float() / 255   # (B, H, W) in [0, 1]
         loss_ce = common.weighted_ce(common.upsample(ddp(xs)[1], ys.shape[-2:]), ys, ws)  # Eq. (10)
-        # ---- target, clean view: Eq. (11), its own forward ----
+        # ---- target: the official order (CustomModel.step, adaptation_model.py lines 144-177):
+        # teacher on the clean view, student on phi(view), then the student on the clean view
+        # last. Each forward in train mode moves the batch-norm running statistics by 10%, so
+        # the last one weighs most in the statistics that evaluation uses: the clean target.
         xt_u8 = t["image"]                                                # (B, 3, H, W) uint8
         yt = t["label"].to(device)
-        lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
-        loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
-        # ---- target, phi(view) against the teacher on the clean view: Eq. (12) ----
+        # ---- phi(view) against the teacher on the clean view: Eq. (12) ----
         if args.no_consistency:
             loss_cons = torch.zeros((), device=device)
         else:
             xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
-            la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
             lteach = common.upsample(common.teacher_forward(
                 teacher, common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+            la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)
+        # ---- clean view: Eq. (11), its own forward ----
+        lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+        loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
         lam = 0.0 if args.no_consistency else args.lam * ramp_up(it, args.ramp_up)
         loss = loss_ce + loss_sce + lam * loss_cons  # Eq. (13)
         return loss, {"loss": loss.item(), "ce": loss_ce.item(), "sce": loss_sce.item(),

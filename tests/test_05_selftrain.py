@@ -342,12 +342,16 @@ def test_selftrain_student_forwards_each_view_separately(selftrain):
     for it in range(2):
         stud = [c for c in calls if c["who"] == "student" and c["step"] == it]
         teach = [c for c in calls if c["who"] == "teacher" and c["step"] == it][0]
-        # three forwards with gradients, each a batch of one view: source, clean target, phi(target)
+        # three forwards with gradients, each a batch of one view, in the official order:
+        # source, phi(target), clean target (last: most weight in the running statistics)
         assert len(stud) == 3 and all(c["grad"] for c in stud)
         assert [c["x"].shape[0] for c in stud] == [BATCH] * 3
         assert all(c["bn"] and all(c["bn"]) for c in stud)     # training mode, batch statistics
-        src, clean, aug = (c["x"] for c in stud)
+        src, aug, clean = (c["x"] for c in stud)
         assert torch.equal(clean, teach["x"])                   # the teacher sees the clean view
+        # the teacher runs before the student's phi forward, as in the official step
+        order = [c["who"] for c in calls if c["step"] == it]
+        assert order == ["student", "teacher", "student", "student"]
         assert not torch.equal(aug, clean) and aug.shape == clean.shape
         assert not torch.equal(src, clean)
 
