@@ -35,9 +35,10 @@ def configs(small):
       features; on a toy resnet18 the same log-density means something else, so the toy
       run keeps a fixed share of target pixels instead (Table 5's ratios run 44-88%).
     - 04's E-hat is a random resnet18 at twice the image size (no pre-trained encoder).
-    - 06 --student-init warmup: no SimCLRv2 weights exist for the toy data, so the student
-      starts from the warm-up's source-trained backbone with a fresh head. One round in
-      the demo (CPU time); the small configuration runs two, to exercise the hand-over
+    - 06 --student-init warmup-full: no SimCLRv2 weights exist for the toy data, so the
+      student starts from the warm-up's source-trained network (with 02's backbone and a
+      fresh head, `warmup`, it stays far below its teacher in 200 iterations). One round
+      in the demo (CPU time); the small configuration runs two, to exercise the hand-over
       from one round's student to the next round's teacher.
     The whole demo takes about 15 minutes on a quiet 2-core CPU."""
     n = {"warm": 600, "self": 200, "dist": 200, "rounds": 1, "ratio": 0.6} if not small else \
@@ -53,7 +54,7 @@ def configs(small):
                     "--workers", "0"]),
         ("05_selftrain", ["--iters", str(n["self"]), "--batch-size", "4", "--eval-every", str(n["self"]),
                           *train]),
-        ("06_distill", ["--student-init", "warmup", "--rounds", str(n["rounds"]), "--iters", str(n["dist"]),
+        ("06_distill", ["--student-init", "warmup-full", "--rounds", str(n["rounds"]), "--iters", str(n["dist"]),
                         "--batch-size", "4", "--eval-every", str(n["dist"]), *train]),
         ("export_onnx", ["export"]),
     ]

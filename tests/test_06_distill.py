@@ -171,3 +171,28 @@ def test_student_init_warmup_refuses_another_backbone(distill):
     # refused before anything was touched: the finished run is still there
     assert json.loads((work / "06_distill" / "manifest.json").read_text())["complete"]
     assert (work / "06_distill" / "model.pt").exists()
+
+
+def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_path):
+    """--student-init warmup-full: every tensor of 02's model, head included."""
+    data, work, _ = distill
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    starts, real_loop = [], common.train_loop
+
+    def spy_loop(args, out_dir, model, *a, **kw):
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_loop(args, out_dir, model, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "train_loop", spy_loop)
+        run_stage("06_distill", "--data", data, "--work", w, "--student-init", "warmup-full", "--no-stm",
+                  "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+                  "--crop", "64", "32", "--workers", "0")
+    warm = common.load_checkpoint(w / "02_warmup" / "model.pt")["model"]
+    assert len(starts) == 1 and starts[0].keys() == warm.keys()
+    for k in warm:
+        assert torch.equal(starts[0][k], warm[k]), k
+    m = json.loads((w / "06_distill" / "manifest.json").read_text())
+    assert m["summary"]["student_init"] == "warmup-full"
+    assert m["summary"]["rounds"][0]["student_init"]["spec"] == "warmup-full"
