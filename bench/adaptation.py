@@ -151,6 +151,9 @@ def main(argv=None):
     print(f"\n05 vs 02: mean gain {gain:+.1f} mIoU; seed spread (sd of 02, of 05) "
           f"{ms['02'][1]:.1f}, {ms['05'][1]:.1f}: "
           + ("05 beats 02 by more than the spread" if gain > spread else "NOT beyond the spread"))
+    pg, psd = ms["05-02"]
+    print(f"05 - 02 paired per seed: {pg:+.1f} +- {psd:.1f} (sd): "
+          + ("above zero by more than its sd" if pg > psd else "NOT above zero by more than its sd"))
     g6 = ms[f"06 r{n6}"][0] - ms["05"][0]
     print(f"06 (last round) vs 05: mean {g6:+.1f} mIoU: " + ("06 >= 05" if g6 >= 0 else "06 < 05"))
     if not a.no_ablations:

@@ -131,6 +131,12 @@ def distill(warmup_work, toy_data, tmp_path_factory):
         "stage": "05_selftrain", "complete": True, "run_id": "hand-made 05",
         "args": {"backbone": warm["args"]["backbone"]}, "summary": {"target_miou": 0.0},
         "upstream": {"02_warmup": warm["run_id"]}})
+    return data, work, distill_recording_starts(data, work, "warmup")
+
+
+def distill_recording_starts(data, work, init):
+    """06 --student-init INIT, one round of one iteration; returns the student's state
+    dict as 06 hands it to training, per round."""
     starts, real_loop = [], common.train_loop
 
     def spy_loop(args, out_dir, model, *a, **kw):
@@ -139,10 +145,10 @@ def distill(warmup_work, toy_data, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "train_loop", spy_loop)
-        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "warmup", "--no-stm",
+        run_stage("06_distill", "--data", data, "--work", work, "--student-init", init, "--no-stm",
                   "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
                   "--crop", "64", "32", "--workers", "0")
-    return data, work, starts
+    return starts
 
 
 def test_student_init_warmup_takes_the_warmup_backbone_and_a_fresh_head(distill):
@@ -178,17 +184,7 @@ def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_pa
     data, work, _ = distill
     w = tmp_path / "work"
     shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
-    starts, real_loop = [], common.train_loop
-
-    def spy_loop(args, out_dir, model, *a, **kw):
-        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real_loop(args, out_dir, model, *a, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "train_loop", spy_loop)
-        run_stage("06_distill", "--data", data, "--work", w, "--student-init", "warmup-full", "--no-stm",
-                  "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
-                  "--crop", "64", "32", "--workers", "0")
+    starts = distill_recording_starts(data, w, "warmup-full")
     warm = common.load_checkpoint(w / "02_warmup" / "model.pt")["model"]
     assert len(starts) == 1 and starts[0].keys() == warm.keys()
     for k in warm:
