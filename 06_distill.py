@@ -175,20 +175,20 @@ def main(argv=None):
             continue
         tgt_ds = common.target_dataset(args, rdir / "labels", "06_distill")
 
-        # ============ 2. a fresh student ============
+        # ============ 2. a new student (started from --student-init) ============
         common.seed_everything(args.seed + 1000 * r + rank)
         model = common.build_model(args.backbone, "none")
-        if warm_init is not None and args.student_init == "warmup-full":  # 02's whole network
+        if warm_init is not None:
             sd = common.load_checkpoint(warm_init, "02_warmup")["model"]
-            common.load_state_strict(model, sd, what=f"--student-init warmup-full ({warm_init})")
-            init = {"spec": "warmup-full", "layout": "02 source-trained network, head included",
-                    "path": str(warm_init)}
-        elif warm_init is not None:  # 02's backbone, a fresh head
-            sd = common.load_checkpoint(warm_init, "02_warmup")["model"]
-            common.load_state_strict(model.backbone, {k[len("backbone."):]: v for k, v in sd.items()
-                                                      if k.startswith("backbone.")},
-                                     what=f"--student-init warmup ({warm_init})")
-            init = {"spec": "warmup", "layout": "02 source-trained backbone", "path": str(warm_init)}
+            if args.student_init == "warmup-full":  # 02's whole network
+                common.load_state_strict(model, sd, what=f"--student-init warmup-full ({warm_init})")
+                layout = "02 source-trained network, head included"
+            else:                                   # 02's backbone, a fresh head
+                common.load_state_strict(model.backbone, {k[len("backbone."):]: v for k, v in sd.items()
+                                                          if k.startswith("backbone.")},
+                                         what=f"--student-init warmup ({warm_init})")
+                layout = "02 source-trained backbone"
+            init = {"spec": args.student_init, "layout": layout, "path": str(warm_init)}
         else:
             init = common.load_backbone_init(model.backbone, args.backbone, args.student_init)
         model = model.to(device)
