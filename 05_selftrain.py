@@ -186,19 +186,19 @@ def main(argv=None):
         # last. Each forward in train mode moves the batch-norm running statistics by 10%, so
         # the last one weighs most in the statistics that evaluation uses: the clean target.
         xt_u8 = t["image"]                                                # (B, 3, H, W) uint8
+        xt = common.normalize(xt_u8.to(device))                           # the clean view
         yt = t["label"].to(device)
         # ---- phi(view) against the teacher on the clean view: Eq. (12) ----
         if args.no_consistency:
             loss_cons = torch.zeros((), device=device)
         else:
             xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
-            lteach = common.upsample(common.teacher_forward(
-                teacher, common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+            lteach = common.upsample(common.teacher_forward(teacher, xt)[1], yt.shape[-2:])
             la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)
         # ---- clean view: Eq. (11), its own forward ----
-        lt = common.upsample(ddp(common.normalize(xt_u8.to(device)))[1], yt.shape[-2:])
+        lt = common.upsample(ddp(xt)[1], yt.shape[-2:])
         loss_sce = common.symmetric_ce(lt, yt, args.alpha, args.beta)  # Eq. (11)
         lam = 0.0 if args.no_consistency else args.lam * ramp_up(it, args.ramp_up)
         loss = loss_ce + loss_sce + lam * loss_cons  # Eq. (13)
