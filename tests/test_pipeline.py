@@ -106,3 +106,34 @@ def test_warmup_is_reproducible_on_cpu(pipeline, tmp_path):
                   "--eval-every", "4", "--source-eval", "0", "--seed", "3")
         states.append(torch.load(wk / "02_warmup" / "model.pt", weights_only=False)["model"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_pseudo_label_diagnostic_reports_the_labels_accuracy(pipeline):
+    """bench/pseudo_labels.py on the small pipeline's 03: its pseudo-label accuracy equals
+    one counted here from the label files and the ground truth."""
+    d, _ = pipeline
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "pseudo_labels.py"), "--data", str(d / "data"),
+                          "--work", str(d / "work"), "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    from PIL import Image
+    right = total = 0
+    for img, lab in common.cityscapes_items(d / "data", "train", with_labels=True):
+        gt = common.decode_label(lab, "cityscapes")
+        pl = np.asarray(Image.open(d / "work" / "03_maps" / "labels" / common.item_name(img)))
+        sel = (gt != 255) & (pl != 255)
+        right, total = right + int((pl[sel] == gt[sel]).sum()), total + int(sel.sum())
+    assert total > 0
+    assert f"pseudo labels {100 * right / total:.1f}% accurate" in out.stdout, out.stdout
+
+
+def test_edge_mask_marks_pixels_near_another_class():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pseudo_labels import edge_mask
+    gt = np.zeros((5, 7), np.int64)
+    gt[:, 4:] = 3                      # a vertical boundary between columns 3 and 4
+    e1 = edge_mask(gt, 1)
+    assert e1[:, 3].all() and e1[:, 4].all() and not e1[:, :3].any() and not e1[:, 5:].any()
+    e2 = edge_mask(gt, 2)
+    assert e2[:, 2:6].all() and not e2[:, :2].any() and not e2[:, 6].any()
+    assert not edge_mask(gt, 0).any()

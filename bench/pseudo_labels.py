@@ -1,0 +1,113 @@
+"""bench/pseudo_labels.py: do 03's pseudo labels know more than the warm-up classifier?
+
+    python bench/pseudo_labels.py --data data --work work
+    python bench/pseudo_labels.py --data toy --work toywork --radius 2 --device cpu
+
+Self-training (05) can only gain where its pseudo labels are better than what the model
+it starts from already predicts. On the target training images that have ground truth,
+this compares, on exactly the pixels 03 labelled (not 255):
+  - the accuracy of the pseudo labels (Eq. (6)) and of the 02 classifier's own argmax;
+  - the same split into edge pixels (another ground-truth class within --radius pixels)
+    and interior pixels, with the share of each that 03 labelled;
+  - per class, the IoU of both on those pixels.
+It reads work/02_warmup/model.pt and work/03_maps/labels/, prints the tables and writes
+nothing. The toy figures are quoted in README.md ("Does it adapt?").
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+
+def edge_mask(gt, radius):
+    """True where another ground-truth class (ignore included) lies within `radius` px."""
+    h, w = gt.shape
+    pad = np.pad(gt, radius, mode="edge")
+    edge = np.zeros((h, w), bool)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            edge |= pad[radius + dy:radius + dy + h, radius + dx:radius + dx + w] != gt
+    return edge
+
+
+def iou(cm):
+    d = np.diag(cm).astype(np.float64)
+    return 100 * d / np.maximum(cm.sum(0) + cm.sum(1) - d, 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data")
+    p.add_argument("--work", default="work")
+    p.add_argument("--radius", type=int, default=2, help="edge pixels: another class within this many px")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    a = p.parse_args(argv)
+    if a.radius < 0:
+        p.error(f"--radius must be >= 0, got {a.radius}")
+    work = Path(a.work)
+    model_path, labels = work / "02_warmup" / "model.pt", work / "03_maps" / "labels"
+    for path in (model_path, labels):
+        if not path.exists():
+            sys.exit(f"bench/pseudo_labels.py: {path} not found: run 02_warmup.py and 03_maps.py first")
+    items = [(i, l) for i, l in common.cityscapes_items(a.data, "train", with_labels=True) if l is not None]
+    if not items:
+        sys.exit(f"bench/pseudo_labels.py: no target training image under {a.data} has ground truth "
+                 "(gtFine/train/*_gtFine_labelIds.png): nothing to compare")
+    device = common.pick_device(a.device)
+    model, _ = common.model_from_checkpoint(model_path, device, "02_warmup")
+    model.eval()
+    n = common.NUM_CLASSES
+    cm_pl, cm_02 = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    # per region: [pixels, labelled, PL right, 02 right on labelled, 02 right on all]
+    split = {"edge": np.zeros(5, np.int64), "interior": np.zeros(5, np.int64)}
+    for img_path, lab_path in tqdm(items, desc="images"):
+        gt = common.decode_label(lab_path, "cityscapes").astype(np.int64)
+        pl_path = labels / common.item_name(img_path)
+        if not pl_path.exists():
+            sys.exit(f"bench/pseudo_labels.py: {pl_path} not found: 03_maps.py labelled another "
+                     f"image list than {a.data}'s target training images")
+        pl = np.asarray(Image.open(pl_path)).astype(np.int64)
+        if pl.shape != gt.shape:
+            sys.exit(f"bench/pseudo_labels.py: {pl_path} is {pl.shape[1]}x{pl.shape[0]}, "
+                     f"its ground truth {gt.shape[1]}x{gt.shape[0]}")
+        img = torch.from_numpy(common.read_image(img_path).copy()).permute(2, 0, 1)[None].to(device)
+        pred = common.predict_logits(model, img, size=gt.shape).argmax(1)[0].cpu().numpy()
+        valid = gt != common.IGNORE
+        sel = valid & (pl != common.IGNORE)
+        cm_pl += np.bincount(gt[sel] * n + pl[sel], minlength=n * n).reshape(n, n)
+        cm_02 += np.bincount(gt[sel] * n + pred[sel], minlength=n * n).reshape(n, n)
+        edge = edge_mask(gt, a.radius)
+        for name, m in (("edge", edge & valid), ("interior", ~edge & valid)):
+            s = m & (pl != common.IGNORE)
+            split[name] += [m.sum(), s.sum(), (pl[s] == gt[s]).sum(), (pred[s] == gt[s]).sum(),
+                            (pred[m] == gt[m]).sum()]
+    pct = lambda x, y: 100.0 * x / max(y, 1)
+    total = sum(v[0] for v in split.values())
+    labelled = cm_pl.sum()
+    print(f"\n{len(items)} target training images, {total} pixels with ground truth, "
+          f"{pct(labelled, total):.1f}% pseudo-labelled")
+    print(f"on the pseudo-labelled pixels: pseudo labels {pct(np.trace(cm_pl), labelled):.1f}% accurate, "
+          f"02's argmax {pct(np.trace(cm_02), labelled):.1f}% (on all pixels "
+          f"{pct(sum(v[4] for v in split.values()), total):.1f}%)")
+    print(f"{'region':<10}{'pixels':>10}{'labelled':>10}{'PL acc':>9}{'02 acc':>9}{'02 acc (all px)':>17}")
+    for name, (px, lab, r_pl, r_02, r_all) in split.items():
+        print(f"{name:<10}{px:>10}{pct(lab, px):>9.1f}%{pct(r_pl, lab):>8.1f}%{pct(r_02, lab):>8.1f}%"
+              f"{pct(r_all, px):>16.1f}%")
+    print(f"(edge: another ground-truth class within {a.radius} px)")
+    print(f"\nper class IoU on the pseudo-labelled pixels\n{'class':<14}{'PL':>7}{'02':>7}{'PL - 02':>9}")
+    a_pl, a_02 = iou(cm_pl), iou(cm_02)
+    for c in range(n):
+        if cm_pl[c].sum() or cm_pl[:, c].sum():
+            print(f"{common.CLASSES[c]:<14}{a_pl[c]:7.1f}{a_02[c]:7.1f}{a_pl[c] - a_02[c]:+9.1f}")
+
+
+if __name__ == "__main__":
+    main()
