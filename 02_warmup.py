@@ -12,10 +12,12 @@ Writes: work/02_warmup/model.pt (final weights: what later stages use, since pic
 Real data (one GPU; paper schedule: batch 8, 90k iterations, crop 896x512):
     python 02_warmup.py --data data --work work --source gta5
   several GPUs:  torchrun --nproc_per_node 4 02_warmup.py --batch-size 2 ...
-Toy data (CPU, about five minutes; demo.py's flags: from random weights the toy warm-up
-needs a larger learning rate than the paper's 5e-4, which fine-tunes ImageNet weights):
+Toy data (CPU, 10-20 minutes; demo.py's flags: from random weights the toy warm-up
+needs a larger learning rate than the paper's 5e-4, which fine-tunes ImageNet weights, and
+one lr for every layer: the paper's 10x for the head is for a fresh head on a pre-trained
+backbone):
     python 02_warmup.py --backbone resnet18 --weights none --iters 600 --lr 0.03 \
-        --batch-size 8 --crop 128 64 --eval-every 600 --workers 0
+        --head-lr-mult 1 --batch-size 8 --crop 128 64 --eval-every 600 --workers 0
 """
 import common
 import torch

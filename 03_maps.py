@@ -33,7 +33,7 @@ Commands:
     # toy data (delta depends on the feature scale: pick it by the pseudo-label ratio)
     python toy_data.py --data toy && python 01_stylize.py --data toy --work toywork
     python 02_warmup.py --data toy --work toywork --backbone resnet18 --weights none --iters 300 \
-        --batch-size 4 --crop 128 64 --eval-every 300 --workers 0
+        --lr 0.03 --head-lr-mult 1 --batch-size 4 --crop 128 64 --eval-every 300 --workers 0
     python 03_maps.py --data toy --work toywork --target-ratio 0.5 --workers 0
     cp -r toywork toywork_cas
     python 03_maps.py --data toy --work toywork_cas --pla centroid --target-ratio 0.5 --workers 0
