@@ -38,11 +38,6 @@ def edge_mask(gt, radius):
     return edge
 
 
-def iou(cm):
-    d = np.diag(cm).astype(np.float64)
-    return 100 * d / np.maximum(cm.sum(0) + cm.sum(1) - d, 1)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data")
@@ -65,7 +60,7 @@ def main(argv=None):
     model, _ = common.model_from_checkpoint(model_path, device, "02_warmup")
     model.eval()
     n = common.NUM_CLASSES
-    cm_pl, cm_02 = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    cm_pl, cm_02 = np.zeros((n, n + 1), np.int64), np.zeros((n, n + 1), np.int64)
     # per region: [pixels, labelled, PL right, 02 right on labelled, 02 right on all]
     split = {"edge": np.zeros(5, np.int64), "interior": np.zeros(5, np.int64)}
     for img_path, lab_path in tqdm(items, desc="images"):
@@ -82,8 +77,8 @@ def main(argv=None):
         pred = common.predict_logits(model, img, size=gt.shape).argmax(1)[0].cpu().numpy()
         valid = gt != common.IGNORE
         sel = valid & (pl != common.IGNORE)
-        cm_pl += np.bincount(gt[sel] * n + pl[sel], minlength=n * n).reshape(n, n)
-        cm_02 += np.bincount(gt[sel] * n + pred[sel], minlength=n * n).reshape(n, n)
+        cm_pl += common.confusion(pl[sel], gt[sel], n)
+        cm_02 += common.confusion(pred[sel], gt[sel], n)
         edge = edge_mask(gt, a.radius)
         for name, m in (("edge", edge & valid), ("interior", ~edge & valid)):
             s = m & (pl != common.IGNORE)
@@ -94,8 +89,8 @@ def main(argv=None):
     labelled = cm_pl.sum()
     print(f"\n{len(items)} target training images, {total} pixels with ground truth, "
           f"{pct(labelled, total):.1f}% pseudo-labelled")
-    print(f"on the pseudo-labelled pixels: pseudo labels {pct(np.trace(cm_pl), labelled):.1f}% accurate, "
-          f"02's argmax {pct(np.trace(cm_02), labelled):.1f}% (on all pixels "
+    print(f"on the pseudo-labelled pixels: pseudo labels {pct(np.trace(cm_pl[:, :n]), labelled):.1f}% accurate, "
+          f"02's argmax {pct(np.trace(cm_02[:, :n]), labelled):.1f}% (on all pixels "
           f"{pct(sum(v[4] for v in split.values()), total):.1f}%)")
     print(f"{'region':<10}{'pixels':>10}{'labelled':>10}{'PL acc':>9}{'02 acc':>9}{'02 acc (all px)':>17}")
     for name, (px, lab, r_pl, r_02, r_all) in split.items():
@@ -103,9 +98,9 @@ def main(argv=None):
               f"{pct(r_all, px):>16.1f}%")
     print(f"(edge: another ground-truth class within {a.radius} px)")
     print(f"\nper class IoU on the pseudo-labelled pixels\n{'class':<14}{'PL':>7}{'02':>7}{'PL - 02':>9}")
-    a_pl, a_02 = iou(cm_pl), iou(cm_02)
+    a_pl, a_02 = 100 * common.iou_per_class(cm_pl), 100 * common.iou_per_class(cm_02)
     for c in range(n):
-        if cm_pl[c].sum() or cm_pl[:, c].sum():
+        if not np.isnan(a_pl[c]):
             print(f"{common.CLASSES[c]:<14}{a_pl[c]:7.1f}{a_02[c]:7.1f}{a_pl[c] - a_02[c]:+9.1f}")
 
 
