@@ -10,10 +10,11 @@ walls, poles with three-lamp traffic lights and round, triangular or square sign
 people with heads, clothes and legs, riders on two-wheelers, cars with cabins, windows
 and wheels, trucks, buses and trams with window rows), holding all 19 Cityscapes classes
 across the set. Objects vary in size with their distance and occlude each other far to
-near, so a network has to learn shapes and textures, not only colours. The domains
-differ the way synthetic and real images do: the source is clean, saturated and sharp,
-its vehicles mostly in their class colour; the target has another palette, varying
-exposure and illumination, blur, sensor noise, and vehicles of any colour. SYNTHIA has
+near, so a network has to learn shapes and textures, not only colours. Vehicles take
+any paint colour in every domain, as in GTA5 and Cityscapes alike, so that a vehicle's
+colour never names its class. The domains differ the way synthetic and real images do:
+the source is clean, saturated and sharp; the target has another palette, varying
+exposure and illumination, blur and sensor noise. SYNTHIA has
 no terrain, truck or train, as the real SYNTHIA. Formats:
   GTA5/images/00001.png (RGB)         GTA5/labels/00001.png (8-bit palette PNG of labelIds)
   SYNTHIA/RAND_CITYSCAPES/RGB/0000001.png  GT/LABELS/0000001.png (16-bit 3-channel, id in R)
@@ -198,7 +199,7 @@ def render(lab, parts, rng, target):
     col = BASE.copy()
     if target:
         # another palette: a channel mix (warmer, less saturated), vegetation yellower,
-        # sky greyer; vehicles take any colour, so colour alone no longer names them
+        # sky greyer
         mix = np.array([[0.75, 0.20, 0.05], [0.10, 0.75, 0.15], [0.05, 0.25, 0.70]], np.float32)
         col = col @ mix.T * 0.85 + 20
         col[VEG] = (95, 125, 60); col[SKY] = (170, 185, 200); col[R] = (95, 92, 90)
@@ -233,8 +234,9 @@ def render(lab, parts, rng, target):
         elif kind in ("car", "truck", "bus", "train"):
             k = {"car": CAR, "truck": TRUCK, "bus": BUS, "train": TRAIN}[kind]
             body = m == k
-            if target or rng.random() < 0.3:   # paint: any colour in the target, mostly class colour in the source
-                sub[body] = rng.uniform(30, 220, 3) + 6 * rng.normal(0, 1, (int(body.sum()), 3))
+            # paint: any colour, in both domains (a class colour would be a cue that only
+            # the source has: a source-trained model would read the class off the paint)
+            sub[body] = rng.uniform(30, 220, 3) + 6 * rng.normal(0, 1, (int(body.sum()), 3))
             glass = (30, 40, 55) if not target else (45, 50, 55)
             if kind == "car":   # windows in the cabin (upper third), wheels at the bottom
                 sub[body & (by < bh * 0.33) & (bx > bw * 0.25) & (bx < bw * 0.75)] = glass
