@@ -9,7 +9,13 @@ this compares, on exactly the pixels 03 labelled (not 255):
   - the accuracy of the pseudo labels (Eq. (6)) and of the 02 classifier's own argmax;
   - the same split into edge pixels (another ground-truth class within --radius pixels)
     and interior pixels, with the share of each that 03 labelled;
-  - per class, the IoU of both on those pixels.
+  - per class, the IoU of both on those pixels;
+  - per class, how much of each class the pseudo labels hold: its share of the ground
+    truth, of 02's argmax (all pixels) and of the pseudo labels, and the share of the
+    pixels 02 predicts as that class that 03 labels at all. Self-training fits the class
+    shares of its pseudo labels: a class whose share there is far below its share in
+    02's predictions is pushed out of the student's predictions (its pixels are trained
+    only as other classes).
 It reads work/02_warmup/model.pt and work/03_maps/labels/, prints the tables and writes
 nothing. The toy figures are quoted in README.md ("Does it adapt?").
 """
@@ -44,12 +50,16 @@ def main(argv=None):
     p.add_argument("--work", default="work")
     p.add_argument("--radius", type=int, default=2, help="edge pixels: another class within this many px")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--student", default=None,
+                   help="a later model (e.g. work/05_selftrain/model.pt): its argmax's class shares "
+                        "are printed beside 02's and the pseudo labels'")
     a = p.parse_args(argv)
     if a.radius < 0:
         p.error(f"--radius must be >= 0, got {a.radius}")
     work = Path(a.work)
     model_path, labels = work / "02_warmup" / "model.pt", work / "03_maps" / "labels"
-    for path in (model_path, labels):
+    student_path = Path(a.student) if a.student else None
+    for path in (model_path, labels) + ((student_path,) if student_path else ()):
         if not path.exists():
             sys.exit(f"bench/pseudo_labels.py: {path} not found: run 02_warmup.py and 03_maps.py first")
     items = [(i, l) for i, l in common.cityscapes_items(a.data, "train", with_labels=True) if l is not None]
@@ -59,10 +69,16 @@ def main(argv=None):
     device = common.pick_device(a.device)
     model, _ = common.model_from_checkpoint(model_path, device, "02_warmup")
     model.eval()
+    student = None
+    if student_path:
+        student, _ = common.model_from_checkpoint(student_path, device)
+        student.eval()
     n = common.NUM_CLASSES
     cm_pl, cm_02 = np.zeros((n, n + 1), np.int64), np.zeros((n, n + 1), np.int64)
     # per region: [pixels, labelled, PL right, 02 right on labelled, 02 right on all]
     split = {"edge": np.zeros(5, np.int64), "interior": np.zeros(5, np.int64)}
+    # per class: ground truth, 02 argmax, pseudo labels, 02 argmax on the labelled pixels
+    share = {k: np.zeros(n, np.int64) for k in ("gt", "02", "pl", "02 kept", "student")}
     for img_path, lab_path in tqdm(items, desc="images"):
         gt = common.decode_label(lab_path, "cityscapes").astype(np.int64)
         pl_path = labels / common.item_name(img_path)
@@ -79,6 +95,11 @@ def main(argv=None):
         sel = valid & (pl != common.IGNORE)
         cm_pl += common.confusion(pl[sel], gt[sel], n)
         cm_02 += common.confusion(pred[sel], gt[sel], n)
+        for k, v in (("gt", gt[valid]), ("02", pred[valid]), ("pl", pl[sel]), ("02 kept", pred[sel])):
+            share[k] += np.bincount(v, minlength=n)[:n]
+        if student is not None:
+            spred = common.predict_logits(student, img, size=gt.shape).argmax(1)[0].cpu().numpy()
+            share["student"] += np.bincount(spred[valid], minlength=n)[:n]
         edge = edge_mask(gt, a.radius)
         for name, m in (("edge", edge & valid), ("interior", ~edge & valid)):
             s = m & (pl != common.IGNORE)
@@ -102,6 +123,18 @@ def main(argv=None):
     for c in range(n):
         if not np.isnan(a_pl[c]):
             print(f"{common.CLASSES[c]:<14}{a_pl[c]:7.1f}{a_02[c]:7.1f}{a_pl[c] - a_02[c]:+9.1f}")
+    print(f"\nper class share of the pixels (%): ground truth, 02's argmax (all pixels), the pseudo "
+          f"labels;\n'02 kept': of the pixels 02 predicts as the class, the share 03 labels at all\n"
+          f"{'class':<14}{'truth':>8}{'02':>8}{'PL':>8}{'PL / 02':>9}{'02 kept':>9}"
+          + (f"{'student':>9}" if student is not None else ""))
+    for c in range(n):
+        t, p2, pl_, st = (pct(share[k][c], share[k].sum()) for k in ("gt", "02", "pl", "student"))
+        ratio = f"{pl_ / p2:9.2f}" if p2 > 0 else f"{'-':>9}"
+        print(f"{common.CLASSES[c]:<14}{t:8.2f}{p2:8.2f}{pl_:8.2f}{ratio}"
+              f"{pct(share['02 kept'][c], share['02'][c]):8.1f}%"
+              + (f"{st:9.2f}" if student is not None else ""))
+    if student is not None:
+        print(f"(student: {student_path}, its argmax on all pixels with ground truth)")
 
 
 if __name__ == "__main__":

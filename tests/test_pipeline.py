@@ -109,22 +109,34 @@ def test_warmup_is_reproducible_on_cpu(pipeline, tmp_path):
 
 
 def test_pseudo_label_diagnostic_reports_the_labels_accuracy(pipeline):
-    """bench/pseudo_labels.py on the small pipeline's 03: its pseudo-label accuracy equals
-    one counted here from the label files and the ground truth."""
+    """bench/pseudo_labels.py on the small pipeline's 03: its pseudo-label accuracy and the
+    class shares of the pseudo labels equal those counted here from the label files and the
+    ground truth; with --student set to the warm-up model itself, the student's class
+    shares equal 02's."""
     d, _ = pipeline
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "pseudo_labels.py"), "--data", str(d / "data"),
-                          "--work", str(d / "work"), "--device", "cpu"],
+                          "--work", str(d / "work"), "--device", "cpu",
+                          "--student", str(d / "work" / "02_warmup" / "model.pt")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     from PIL import Image
     right = total = 0
+    counts = np.zeros(common.NUM_CLASSES, np.int64)
     for img, lab in common.cityscapes_items(d / "data", "train", with_labels=True):
         gt = common.decode_label(lab, "cityscapes")
         pl = np.asarray(Image.open(d / "work" / "03_maps" / "labels" / common.item_name(img)))
         sel = (gt != 255) & (pl != 255)
         right, total = right + int((pl[sel] == gt[sel]).sum()), total + int(sel.sum())
+        counts += np.bincount(pl[sel], minlength=common.NUM_CLASSES)
     assert total > 0
     assert f"pseudo labels {100 * right / total:.1f}% accurate" in out.stdout, out.stdout
+    lines = out.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if "truth" in line and "student" in line)
+    rows = {line[:14].strip(): line[14:].replace("%", "").split() for line in lines[head + 1:head + 20]}
+    for c, name in enumerate(common.CLASSES):
+        truth, p02, ppl, _, _, student = rows[name]
+        assert ppl == f"{100 * counts[c] / counts.sum():.2f}", (name, rows[name])
+        assert student == p02, (name, rows[name])
 
 
 def test_edge_mask_marks_pixels_near_another_class():
