@@ -136,6 +136,10 @@ def main(argv=None):
     g.add_argument("--ramp-up", type=int, default=None,
                    help="iterations of the sigmoid ramp-up of lambda (the paper is silent; the "
                         "official code uses 4,000 of 90,000; default: the same fraction of --iters)")
+    g.add_argument("--teacher-bn", default="batch", choices=["batch", "running"],
+                   help="batch norm of the EMA teacher's forward: 'batch' (the official code: the "
+                        "statistics of the current target batch) or 'running' (eval mode, the running "
+                        "statistics copied from the student)")
     g.add_argument("--ra-ops", type=int, default=2, help="RandAugment: photometric ops per image (N)")
     g.add_argument("--ra-magnitude", type=float, default=0.5, help="RandAugment: largest magnitude (0-1)")
     g.add_argument("--cutout", type=float, default=0.5, help="CutOut box side, as a fraction of the crop")
@@ -193,7 +197,7 @@ def main(argv=None):
             loss_cons = torch.zeros((), device=device)
         else:
             xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
-            lteach = common.upsample(common.teacher_forward(teacher, xt)[1], yt.shape[-2:])
+            lteach = common.upsample(common.teacher_forward(teacher, xt, args.teacher_bn)[1], yt.shape[-2:])
             la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)

@@ -1908,12 +1908,16 @@ def kl_divergence(teacher_logits, student_logits, mask=None):
 
 
 @torch.no_grad()
-def teacher_forward(teacher, x):
+def teacher_forward(teacher, x, bn="batch"):
     """The mean teacher's forward as in the official code: batch norm in training mode,
     so it normalises with the statistics of this target batch, and every dropout off
     (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step: BaseNet_ema.train(),
     then decoder.last_conv[-2].eval(), the Dropout2d before the classifier). The
-    running statistics it touches are overwritten by ema_update's buffer copy."""
+    running statistics it touches are overwritten by ema_update's buffer copy.
+    bn="running": the whole teacher in eval mode instead (its running statistics, which
+    ema_update copies from the student)."""
+    if bn == "running":
+        return teacher.eval()(x)
     teacher.train()
     for m in teacher.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):

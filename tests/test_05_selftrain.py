@@ -198,6 +198,30 @@ def test_teacher_forward_batch_norm_in_training_mode_and_dropout_off():
         assert not torch.equal(teacher(torch.cat([a, b]))[1], teacher(torch.cat([a, b]))[1])
 
 
+def test_teacher_forward_running_statistics_switch():
+    """--teacher-bn running: every BN normalises with its running statistics and every
+    dropout is off, so an image's logits do not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    teacher = common.build_model("resnet18").train()
+    for m in teacher.modules():                     # running statistics that differ from a batch's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    a, b, c = (torch.randn(1, 3, 64, 64) for _ in range(3))
+    seen, handles = _mode_recorder(teacher)
+    with torch.no_grad():
+        out_ab = common.teacher_forward(teacher, torch.cat([a, b]), bn="running")[1]
+    for h in handles:
+        h.remove()
+    assert sorted(seen) == sorted([("bn", False)] * n_bn + [("dropout", False)])
+    with torch.no_grad():
+        out_ac = common.teacher_forward(teacher, torch.cat([a, c]), bn="running")[1]
+        assert torch.allclose(out_ab[0], out_ac[0], atol=1e-4)
+        # and not what the official batch-statistics forward gives
+        assert (common.teacher_forward(teacher, torch.cat([a, b]))[1][0] - out_ab[0]).abs().max() > 1e-3
+
+
 # ============ the learning-rate warm-up (issue 11) ============
 def test_poly_lr_with_linear_warmup():
     # it < W: base * (it + 1) / W; then the poly schedule of the whole run, base * (1 - it/T)^p
