@@ -12,10 +12,9 @@ this compares, on exactly the pixels 03 labelled (not 255):
   - per class, the IoU of both on those pixels;
   - per class, how much of each class the pseudo labels hold: its share of the ground
     truth, of 02's argmax (all pixels) and of the pseudo labels, and the share of the
-    pixels 02 predicts as that class that 03 labels at all. Self-training fits the class
-    shares of its pseudo labels: a class whose share there is far below its share in
-    02's predictions is pushed out of the student's predictions (its pixels are trained
-    only as other classes).
+    pixels 02 predicts as that class that 03 labels at all; with --student, a later
+    model's share too, to see whether it follows its pseudo labels' shares or drops a
+    class they keep (on the toy data 05 drops car through Eq. (12): README).
 It reads work/02_warmup/model.pt and work/03_maps/labels/, prints the tables and writes
 nothing. The toy figures are quoted in README.md ("Does it adapt?").
 """
@@ -59,9 +58,11 @@ def main(argv=None):
     work = Path(a.work)
     model_path, labels = work / "02_warmup" / "model.pt", work / "03_maps" / "labels"
     student_path = Path(a.student) if a.student else None
-    for path in (model_path, labels) + ((student_path,) if student_path else ()):
+    for path in (model_path, labels):
         if not path.exists():
             sys.exit(f"bench/pseudo_labels.py: {path} not found: run 02_warmup.py and 03_maps.py first")
+    if student_path and not student_path.is_file():
+        sys.exit(f"bench/pseudo_labels.py: --student {student_path} is not a model file")
     items = [(i, l) for i, l in common.cityscapes_items(a.data, "train", with_labels=True) if l is not None]
     if not items:
         sys.exit(f"bench/pseudo_labels.py: no target training image under {a.data} has ground truth "
