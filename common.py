@@ -1465,7 +1465,7 @@ FLAG_RULES = {
     # 05, 06
     "alpha": _at_least(0), "beta": _at_least(0), "lam": _at_least(0),
     "ema": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ramp_up": _at_least(0), "ra_ops": _at_least(0),
-    "ra_magnitude": (lambda v: 0 <= v <= 1, "in [0, 1]"), "cutout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "ra_magnitude": (lambda v: 2 <= v <= 10, "in 2 ... 10"), "cutout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "rounds": _at_least(1), "kd_weight": _at_least(0),
     "conf_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "scales": (lambda v: all(x > 0 for x in v), "numbers > 0"),
@@ -1905,6 +1905,21 @@ def kl_divergence(teacher_logits, student_logits, mask=None):
     if mask is None:
         return kl.mean()
     return kl[mask].sum() / mask.sum().clamp(min=1)
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model):
+    """Forwards inside normalise with their own batch statistics (training mode) but leave
+    every batch norm's running statistics as they were (momentum 0 for the duration)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
 
 
 @torch.no_grad()

@@ -128,13 +128,35 @@ def test_photometric_ops_keep_pixel_positions(op):
     assert torch.equal(marked != out[:, 0, 0], (img[:, 5, 3] != img[:, 0, 0]) & (marked != out[:, 0, 0]))
 
 
-def test_cutout_box_and_mask():
-    torch.manual_seed(1)
-    img = torch.full((3, 20, 30), 9, dtype=torch.uint8)
-    out, keep = st.cutout(img, 0.5)
-    box = ~keep
-    assert 0 < box.sum() <= 10 * 15
-    assert (out[:, box] != 9).all() and (out[:, keep] == 9).all()
+def test_cutout_is_the_official_black_square():
+    img = torch.full((3, 40, 60), 9, dtype=torch.uint8)
+    inside = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        out, keep = st.cutout(img, 0.2)                   # side int(0.2 * 60) = 12 px
+        rows, cols = (~keep).any(1).nonzero().flatten(), (~keep).any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 12 and 0 < len(cols) <= 12
+        assert (~keep).sum() == len(rows) * len(cols)      # one axis-aligned box
+        assert (out[:, ~keep] == 0).all() and (out[:, keep] == 9).all()
+        if 0 < rows[0] and rows[-1] < 39 and 0 < cols[0] and cols[-1] < 59:
+            assert len(rows) == len(cols) == 12            # unclipped: the full square
+            inside += 1
+    assert inside > 0
+
+
+def test_rand_augment_official_ranges_and_probability():
+    img = torch.full((3, 4, 4), 100, dtype=torch.uint8)
+    assert (st.PHOTOMETRIC_OPS["brightness"](img, 0.1) == 14).all()          # factor 0.05 + 0.09
+    assert (st.PHOTOMETRIC_OPS["posterize"](img + 3, 0.9) == 102).all()      # 7 bits: 103 -> 102
+    assert (st.PHOTOMETRIC_OPS["solarize"](img * 2, 0.5) == 55).all()        # 200 >= 128 -> 55
+    assert (st.PHOTOMETRIC_OPS["solarize"](img, 0.5) == 100).all()           # 100 < 128 kept
+    torch.manual_seed(0)
+    assert torch.equal(st.rand_augment(img, 2, 10, p=0.0), img)               # p = 0: never applied
+    # p = 0.5 (official): over many draws of one op, about half leave a textured image alone
+    tex = torch.arange(48, dtype=torch.uint8).view(3, 4, 4) * 5
+    same = sum(torch.equal(st.rand_augment(tex, 1, 10), tex) for _ in range(400)) / 400
+    n_id = 1 / len(st.PHOTOMETRIC_OPS)                   # identity leaves it alone when applied too
+    assert abs(same - (0.5 + 0.5 * n_id)) < 0.1
 
 
 def test_stm_map_follows_the_image_through_the_dataset(tmp_path):
@@ -301,13 +323,15 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
     def watch(model, who):
         def pre(m, inp):
             calls.append({"who": who, "step": step[0], "x": inp[0].detach().clone(),
-                          "grad": torch.is_grad_enabled(), "bn": [], "dropout": []})
+                          "grad": torch.is_grad_enabled(), "bn": [], "dropout": [], "momentum": []})
         model.register_forward_pre_hook(pre)
         for m in model.modules():
             kind = "bn" if isinstance(m, torch.nn.BatchNorm2d) else \
                 "dropout" if isinstance(m, torch.nn.modules.dropout._DropoutNd) else None
             if kind:
                 m.register_forward_hook(lambda mod, i, o, k=kind: calls[-1][k].append(mod.training))
+            if kind == "bn":
+                m.register_forward_hook(lambda mod, i, o: calls[-1]["momentum"].append(mod.momentum))
 
     real_loop = common.train_loop
 
@@ -378,6 +402,30 @@ def test_selftrain_student_forwards_each_view_separately(selftrain):
         assert order == ["student", "teacher", "student", "student"]
         assert not torch.equal(aug, clean) and aug.shape == clean.shape
         assert not torch.equal(src, clean)
+        # --bn-stats target (default): only the clean target batch moves the running
+        # statistics that evaluation and export use; source and phi(target) leave them alone
+        n_bn = len(stud[0]["bn"])
+        assert [c["momentum"] for c in stud] == [[0.0] * n_bn, [0.0] * n_bn, [0.1] * n_bn]
+
+
+def test_frozen_bn_statistics_keeps_running_statistics_and_uses_batch_ones():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).train()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn)
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    with common.frozen_bn_statistics(model):
+        y = model(x)
+    assert torch.equal(bn.running_mean, mean0) and torch.equal(bn.running_var, var0)
+    h = model[0](x)                                       # normalised with this batch's statistics
+    ref = (h - h.mean((0, 2, 3), keepdim=True)) / (h.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert bn.momentum == 0.1                             # restored
+    with pytest.raises(RuntimeError), common.frozen_bn_statistics(model):
+        raise RuntimeError("a failing forward")
+    assert bn.momentum == 0.1                             # restored after an error too
+    model(x)
+    assert not torch.equal(bn.running_mean, mean0)        # outside, forwards move them again
 
 
 def test_selftrain_manifest_records_the_resolved_schedule(selftrain):
