@@ -14,7 +14,7 @@ this compares, on exactly the pixels 03 labelled (not 255):
     truth, of 02's argmax (all pixels) and of the pseudo labels, and the share of the
     pixels 02 predicts as that class that 03 labels at all; with --student, a later
     model's share too, to see whether it follows its pseudo labels' shares or drops a
-    class they keep (on the toy data 05 drops car through Eq. (12): README).
+    class they keep (on the toy data, with our first phi, 05 dropped car through Eq. (12): README).
 It reads work/02_warmup/model.pt and work/03_maps/labels/, prints the tables and writes
 nothing. The toy figures are quoted in README.md ("Does it adapt?").
 """
