@@ -19,7 +19,10 @@ As in the official code (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel
     the clean target batch (L_sce) separately and in this order, so each batch norm
     batch holds one domain and one view;
   - phi is the official one: RandAugmentMC(2, 10) (each op applied with probability
-    0.5) and a black CutOut square of 0.2 x the crop width.
+    0.5) and a black CutOut square of 0.2 x the crop width;
+  - the learning rate warms up linearly (official: 400 of 90,000 iterations) and lambda
+    ramps up with exp(-5 (1 - t)^2) (official: 4,000 iterations); shorter schedules use
+    the same fractions.
 Where we depart (measured on the toy data, README "Does it adapt?"): only the clean target
 batch updates the student's batch-norm running statistics (--bn-stats target). The
 official code lets all three forwards update them, so the statistics that evaluation and
@@ -27,9 +30,6 @@ the exported model use are a blend of source, augmented and clean target batches
 augmented ones are darker and flatter than any real image (fixmatch_augment_pool's
 factors are all below 1). The source and phi batches still normalise with their own batch
 statistics. --bn-stats official restores the official behaviour.
-  - the learning rate warms up linearly (official: 400 of 90,000 iterations) and lambda
-    ramps up with exp(-5 (1 - t)^2) (official: 4,000 iterations); shorter schedules use
-    the same fractions.
 At every evaluation the EMA teacher's target-val mIoU is printed and logged beside the
 student's, and the manifest records both.
 
@@ -47,7 +47,6 @@ Toy data (CPU):
 Table 4 ablations: --no-stm (uniform source weights), --no-consistency; Table 3: run
 03_maps.py --pla centroid|confidence first (05 trains on whatever 03 wrote).
 """
-import contextlib
 import copy
 import math
 
@@ -198,6 +197,7 @@ def main(argv=None):
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     ddp = common.wrap_ddp(model, device)
     loaders = None
+    side_frozen = args.bn_stats == "target"  # only the clean target forward moves the running statistics
 
     def step_loss(it):
         nonlocal loaders
@@ -210,13 +210,12 @@ def main(argv=None):
         xs = common.normalize(s["image"].to(device))                      # (B, 3, H, W)
         ys = s["label"].to(device)                                        # (B, H, W)
         ws = None if args.no_stm else s["stm"].to(device).float() / 255   # (B, H, W) in [0, 1]
-        with (common.frozen_bn_statistics(model) if args.bn_stats == "target" else contextlib.nullcontext()):
+        with common.frozen_bn_statistics(model, side_frozen):  # --bn-stats target: leave them alone
             ls = ddp(xs)[1]
         loss_ce = common.weighted_ce(common.upsample(ls, ys.shape[-2:]), ys, ws)  # Eq. (10)
         # ---- target: the official order (CustomModel.step, adaptation_model.py lines 144-177):
         # teacher on the clean view, student on phi(view), then the student on the clean view
-        # last. Each forward in train mode moves the batch-norm running statistics by 10%, so
-        # the last one weighs most in the statistics that evaluation uses: the clean target.
+        # last (with --bn-stats official the last forward weighs most in the running statistics).
         xt_u8 = t["image"]                                                # (B, 3, H, W) uint8
         xt = common.normalize(xt_u8.to(device))                           # the clean view
         yt = t["label"].to(device)
@@ -226,7 +225,7 @@ def main(argv=None):
         else:
             xa_u8, keep = phi(xt_u8, args.ra_ops, args.ra_magnitude, args.cutout)
             lteach = common.upsample(common.teacher_forward(teacher, xt, args.teacher_bn)[1], yt.shape[-2:])
-            with (common.frozen_bn_statistics(model) if args.bn_stats == "target" else contextlib.nullcontext()):
+            with common.frozen_bn_statistics(model, side_frozen):
                 la = common.upsample(ddp(common.normalize(xa_u8.to(device)))[1], yt.shape[-2:])
             mask = keep.to(device) & t["valid"].to(device)
             loss_cons = common.kl_divergence(lteach, la, mask)  # Eq. (12)

@@ -1908,10 +1908,11 @@ def kl_divergence(teacher_logits, student_logits, mask=None):
 
 
 @contextlib.contextmanager
-def frozen_bn_statistics(model):
+def frozen_bn_statistics(model, enabled=True):
     """Forwards inside normalise with their own batch statistics (training mode) but leave
-    every batch norm's running statistics as they were (momentum 0 for the duration)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    every batch norm's running statistics as they were (momentum 0 for the duration).
+    enabled=False: a no-op, the forwards update them as usual."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
     saved = [m.momentum for m in bns]
     for m in bns:
         m.momentum = 0.0
