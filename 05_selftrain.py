@@ -1,7 +1,10 @@
 """05_selftrain.py: bidirectional self-training (BiSMAP Sec. 3.5, Eq. (10)-(13)).
 
-Starting from the warm-up model, each iteration takes a batch of stylized source images
-and a batch of target images and minimises
+The segmentor is trained again from the warm-up's own initialisation (Fig. 3b: "E is
+retrained"; the official configs/gta5_st.yml starts from ImageNet weights with
+resume_flag False, the warm-up model having served only to produce the pseudo labels of
+03 and the entropies of 04). Each iteration takes a batch of stylized source images and a
+batch of target images and minimises
     L = L_ce + L_sce + lambda * L_consist                                      Eq. (13)
   L_ce:      source cross-entropy, each pixel weighted by its transferability w_i (04)  Eq. (10)
   L_sce:     symmetric cross-entropy on the target with the pseudo labels of 03         Eq. (11)
@@ -13,6 +16,11 @@ and a batch of target images and minimises
              official loader draws them; cut-out pixels are excluded                    Eq. (12)
 
 As in the official code (luyvlei/BiSMAPs models/adaptation_model.py, CustomModel.step):
+  - the student starts from 02's initialisation (--init retrain: CustomModel.setup loads
+    the ImageNet backbone, a fresh head), and the EMA teacher starts as its copy; --init
+    warmup fine-tunes 02's model instead (ProDA's stage 1). With a short schedule the EMA
+    decay keeps the official time constant as a fraction of the run (1,000 of 90,000
+    iterations), or the teacher would stay the untrained start;
   - the teacher runs with batch norm in training mode (statistics of the current target
     batch) and its dropout off (common.teacher_forward);
   - the student forwards the source batch, the augmented target batch (L_consist) and
@@ -33,7 +41,7 @@ statistics. --bn-stats official restores the official behaviour.
 At every evaluation the EMA teacher's target-val mIoU is printed and logged beside the
 student's, and the manifest records both.
 
-Reads:  work/02_warmup/model.pt, work/01_stylize/images, work/03_maps/labels,
+Reads:  work/02_warmup (manifest; model.pt with --init warmup), work/01_stylize/images, work/03_maps/labels,
         work/04_stm/stm, data/cityscapes (val for evaluation)
 Writes: work/05_selftrain/model.pt (final), best.pt, last.pt, log.jsonl, manifest.json
 
@@ -41,9 +49,11 @@ Real data (one GPU; paper: 4 source + 4 target per step, 90k iterations):
     python 05_selftrain.py --data data --work work --source gta5
   several GPUs:  torchrun --nproc_per_node 4 05_selftrain.py --batch-size 1 ...
 Toy data (CPU):
-    python 05_selftrain.py --iters 200 --batch-size 4 --crop 128 64 --eval-every 200 --workers 0
-  (the paper's lambda = 20 and lr 5e-4; the lr warm-up and lambda ramp-up take the
-  official fractions of the 200 iterations)
+    python 05_selftrain.py --iters 600 --lr 0.03 --head-lr-mult 1 --batch-size 4 \
+        --crop 128 64 --eval-every 600 --workers 0
+  (the warm-up's from-scratch lr and iterations, since 05 retrains from the same random
+  start; the paper's lambda = 20; the lr warm-up, lambda ramp-up and EMA time constant
+  take the official fractions of the 600 iterations)
 Table 4 ablations: --no-stm (uniform source weights), --no-consistency; Table 3: run
 03_maps.py --pla centroid|confidence first (05 trains on whatever 03 wrote).
 """
@@ -128,6 +138,14 @@ def ema_update(teacher, student, decay=0.999):
         t.copy_(s)
 
 
+def ema_decay_for(iters, official=0.999):
+    """The EMA decay whose time constant 1 / (1 - decay) is the same fraction of a schedule
+    of `iters` as the official 1,000 of 90,000 iterations: 0.999 at 90,000, 1 - 1/7 = 0.857 at 600.
+    An EMA teacher that barely moves within the run (0.999 over 600 iterations keeps 55% of
+    its starting weights) stays the untrained network that --init retrain starts from."""
+    return 1.0 - 1.0 / common.official_fraction(iters, round(1 / (1 - official)))
+
+
 def ramp_up(it, length):
     """Sigmoid ramp-up exp(-5 (1 - t)^2), t = it / length (Laine & Aila; Tarvainen & Valpola)."""
     if length <= 0 or it >= length:
@@ -147,7 +165,16 @@ def main(argv=None):
                         "multiplies the KL of Eq. (12) averaged over pixels AND classes, as the "
                         "official nn.KLDivLoss() does: the per-pixel KL summed over classes / C. "
                         "(With the KL summed over classes, the same weight would be lambda / C.)")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA smoothing of the teacher (paper: 0.999)")
+    g.add_argument("--init", default="retrain", choices=["retrain", "warmup"],
+                   help="the student's starting weights: 'retrain' (default; the paper's Fig. 3b and "
+                        "the official configs/gta5_st.yml: the segmentor is trained again from the "
+                        "warm-up's own initialisation, 02's --weights, with a fresh head; the warm-up "
+                        "model only produced the pseudo labels) or 'warmup' (fine-tune 02's trained "
+                        "model, as ProDA's stage 1 does)")
+    g.add_argument("--ema", type=float, default=None,
+                   help="EMA smoothing of the teacher (paper: 0.999, a time constant of 1,000 of the "
+                        "90,000 iterations; default: the same fraction of --iters, i.e. "
+                        "1 - 1 / official_fraction(iters, 1000))")
     g.add_argument("--ramp-up", type=int, default=None,
                    help="iterations of the sigmoid ramp-up of lambda (the paper is silent; the "
                         "official code uses 4,000 of 90,000; default: the same fraction of --iters)")
@@ -176,6 +203,10 @@ def main(argv=None):
         args.warmup_iters = common.official_fraction(args.iters, 400)
     if args.ramp_up is None:       # official: get_consist_weight(rampup_length=4000)
         args.ramp_up = common.official_fraction(args.iters, 4000)
+    if args.ema is None:           # official: ema_update's 0.999 over 90,000 iterations
+        args.ema = ema_decay_for(args.iters)
+    if not 0.0 <= args.ema < 1.0:
+        raise common.StageError(f"--ema: expected a decay in [0, 1), got {args.ema}")
     stage, device, rank, world = common.start(args, "05_selftrain")
     warm = stage.use("02_warmup")
     args.backbone = warm["args"]["backbone"]  # the segmentor is the warm-up model's
@@ -189,13 +220,19 @@ def main(argv=None):
     val = common.target_val_items(args.data)
     resuming = stage.begin(check=[src_ds, tgt_ds, val])
 
-    # ============ models: student from the warm-up weights, EMA teacher ============
-    init = common.stage_dir(args.work, "02_warmup") / "model.pt"
-    stage.add_input(init)
-    model, _ = common.model_from_checkpoint(init, device, "02_warmup")
+    # ============ models: the student (--init), the EMA teacher a copy of it ============
+    if args.init == "warmup":  # fine-tune 02's trained network
+        init = common.stage_dir(args.work, "02_warmup") / "model.pt"
+        stage.add_input(init)
+        model, _ = common.model_from_checkpoint(init, device, "02_warmup")
+    else:  # retrain from 02's own initialisation (official gta5_st.yml: resume_flag False,
+        # pretrained True, i.e. CustomModel.setup's ImageNet backbone and a fresh head)
+        model = common.build_model(args.backbone, warm["args"]["weights"]).to(device)
     model.train()
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
     ddp = common.wrap_ddp(model, device)
+    # after wrap_ddp: each rank drew its own random head (start() seeds ranks apart), DDP
+    # has now broadcast rank 0's weights, and every rank's teacher must copy those
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
     loaders = None
     side_frozen = args.bn_stats == "target"  # only the clean target forward moves the running statistics
 
@@ -250,6 +287,7 @@ def main(argv=None):
         stage.finish({"target_miou": final["miou"], "teacher_target_miou": final.get("teacher_miou"),
                       "target": final, "best": best,
                       "warmup_target_miou": warm["summary"]["target_miou"],
+                      "init": args.init, "ema": args.ema,
                       "pla": maps["args"].get("pla", "maps"), "stm": not args.no_stm,
                       "consistency": not args.no_consistency})
         teach = f", EMA teacher {final['teacher_miou']:.1f}" if "teacher_miou" in final else ""

@@ -288,8 +288,20 @@ def test_warmup_and_ramp_up_default_to_the_official_fractions(monkeypatch, tmp_p
     a = _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "90000")
     assert a["warmup_iters"] == 400 and a["ramp_up"] == 4000
     a = _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "900",
-                       "--warmup-iters", "7", "--ramp-up", "0")
-    assert a["warmup_iters"] == 7 and a["ramp_up"] == 0                      # given values are kept
+                       "--warmup-iters", "7", "--ramp-up", "0", "--ema", "0.5")
+    assert a["warmup_iters"] == 7 and a["ramp_up"] == 0 and a["ema"] == 0.5  # given values are kept
+
+
+def test_ema_decay_keeps_the_official_time_constant_as_a_fraction_of_the_schedule(monkeypatch, tmp_path):
+    # official: 0.999 = a time constant of 1 / (1 - 0.999) = 1,000 of 90,000 iterations
+    assert st.ema_decay_for(90000) == pytest.approx(0.999)
+    assert st.ema_decay_for(900) == pytest.approx(0.9)          # 10 iterations: 1 - 1/10
+    assert st.ema_decay_for(600) == pytest.approx(1 - 1 / 7)    # 6.67 -> 7 iterations
+    assert st.ema_decay_for(30) == 0.0                          # under one iteration: the student itself
+    assert _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "900")["ema"] == pytest.approx(0.9)
+    assert _resolved_args("05_selftrain", monkeypatch, tmp_path, "--iters", "90000")["ema"] == pytest.approx(0.999)
+    with pytest.raises(common.StageError, match=r"--ema: expected a decay in \[0, 1\), got 1.0"):
+        load_stage("05_selftrain").main(["--data", str(tmp_path), "--work", str(tmp_path / "w"), "--ema", "1"])
 
 
 # ============ one real 05 run on the toy data, watched by hooks ============
@@ -318,7 +330,7 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
             "stage": name, "complete": True, "run_id": f"hand-made {name}", "args": {"source": "gta5"},
             "upstream": {"02_warmup": warm["run_id"], **up}})
 
-    calls, models, step = [], {}, [None]
+    calls, models, step, watching = [], {}, [None], [True]
 
     def watch(model, who):
         def pre(m, inp):
@@ -336,6 +348,11 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
     real_loop = common.train_loop
 
     def spy_loop(args, out_dir, model, step_loss, *a, **kw):
+        run = models if watching[0] else models.setdefault("warmup", {})
+        run["start"] = {k: v.clone() for k, v in model.state_dict().items()}
+        run["teacher_start"] = {k: v.clone() for k, v in kw["also_eval"]["teacher"].state_dict().items()}
+        if not watching[0]:
+            return real_loop(args, out_dir, model, step_loss, *a, **kw)
         models["student"], models["teacher"] = model, kw["also_eval"]["teacher"]
         watch(model, "student")
         watch(models["teacher"], "teacher")
@@ -352,7 +369,36 @@ def selftrain(warmup_work, toy_data, tmp_path_factory):
         mp.setattr(common, "train_loop", spy_loop)
         run_stage("05_selftrain", "--data", data, "--work", work, "--iters", "2", "--batch-size", BATCH,
                   "--crop", "64", "32", "--workers", "0", "--eval-every", "2", "--log-every", "1")
+        # the same run with --init warmup, in a copy of the work folder (not watched)
+        watching[0] = False
+        work2 = tmp / "work_init_warmup"
+        shutil.copytree(work, work2, ignore=shutil.ignore_patterns("05_*"))
+        run_stage("05_selftrain", "--data", data, "--work", work2, "--iters", "2", "--batch-size", BATCH,
+                  "--crop", "64", "32", "--workers", "0", "--eval-every", "2", "--log-every", "1",
+                  "--init", "warmup")
     return work, calls, models
+
+
+def test_selftrain_retrains_from_the_warmups_initialisation(selftrain, warmup_work):
+    """--init retrain (default; official configs/gta5_st.yml: resume_flag False): the
+    student starts from 02's initialisation (--weights none here: random weights, as 02's
+    own start), not from 02's trained model; --init warmup starts from 02's model.pt. In
+    both the EMA teacher starts as a copy of the student."""
+    work, _, models = selftrain
+    trained = common.load_checkpoint(warmup_work / "02_warmup" / "model.pt")["model"]
+    fresh = common.build_model(common.read_manifest(warmup_work, "02_warmup")["args"]["backbone"])
+    start, warm = models["start"], models["warmup"]["start"]
+    assert set(start) == set(trained) == set(fresh.state_dict())
+    convs = [k for k, v in trained.items() if k.endswith("weight") and v.dim() == 4]
+    assert convs and not any(torch.equal(start[k], trained[k]) for k in convs)  # not 02's trained weights
+    bn = [k for k in trained if k.endswith("running_var")]
+    assert all(torch.equal(start[k], torch.ones_like(start[k])) for k in bn)   # a fresh network's statistics
+    assert all(torch.equal(warm[k], trained[k]) for k in trained)               # --init warmup: 02's model
+    for run in (models, models["warmup"]):
+        assert all(torch.equal(run["start"][k], run["teacher_start"][k]) for k in trained)
+    m = json.loads((work / "05_selftrain" / "manifest.json").read_text())
+    assert m["summary"]["init"] == "retrain" and m["args"]["init"] == "retrain"
+    assert m["summary"]["ema"] == 0.0 == st.ema_decay_for(2)     # 2 iterations: the official fraction
 
 
 def test_selftrain_teacher_runs_on_batch_statistics_with_dropout_off(selftrain):
