@@ -1,7 +1,11 @@
 """Self-training losses and augmentation (05_selftrain.py, common.py), by hand."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +484,22 @@ def test_selftrain_manifest_records_the_resolved_schedule(selftrain):
     # --warmup-iters / --ramp-up not given: the official fractions of a 2-iteration run
     assert m["args"]["warmup_iters"] == common.official_fraction(2, 400) == 1
     assert m["args"]["ramp_up"] == common.official_fraction(2, 4000) == 1
+
+
+def test_selftrain_retrain_under_torchrun_gives_every_rank_the_same_teacher(selftrain, tmp_path):
+    """--init retrain under torchrun (2 gloo processes): each rank draws its own random
+    start, DDP broadcasts rank 0's, and every rank's EMA teacher must start as that
+    broadcast student, not as its own draw."""
+    work = selftrain[0]
+    w = tmp_path / "w"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("05_*"))
+    data = work.parent / "data"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(Path(__file__).parent / "ddp_selftrain_spy.py"), "--data", str(data), "--work", str(w),
+           "--device", "cpu", "--iters", "1", "--batch-size", "2", "--crop", "64", "32", "--workers", "0",
+           "--eval-every", "1", "--log-every", "1"]
+    out = subprocess.run(cmd, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: teacher is the student True; teachers equal across ranks True" in out.stdout
