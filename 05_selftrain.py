@@ -219,9 +219,8 @@ def main(argv=None):
         common.check_stm_chain(stage)  # 04's Eq. (8) from the 03 run used here
     tgt_ds = common.target_dataset(args, common.stage_dir(args.work, "03_maps") / "labels", "03_maps")
     val = common.target_val_items(args.data)
-    resuming = stage.begin(check=[src_ds, tgt_ds, val])
-
-    # ============ models: the student (--init), the EMA teacher a copy of it ============
+    # ============ the student (--init); before begin(), so a failing load or download ============
+    # leaves a finished 05 run as it is
     if args.init == "warmup":  # fine-tune 02's trained network
         init = common.stage_dir(args.work, "02_warmup") / "model.pt"
         stage.add_input(init)
@@ -230,6 +229,8 @@ def main(argv=None):
         # pretrained True, i.e. CustomModel.setup's ImageNet backbone and a fresh head)
         model = common.build_model(args.backbone, warm["args"]["weights"]).to(device)
     model.train()
+    resuming = stage.begin(check=[src_ds, tgt_ds, val])
+
     ddp = common.wrap_ddp(model, device)
     # after wrap_ddp: each rank drew its own random head (start() seeds ranks apart), DDP
     # has now broadcast rank 0's weights, and every rank's teacher must copy those
