@@ -38,6 +38,11 @@ the exported model use are a blend of source, augmented and clean target batches
 augmented ones are darker and flatter than any real image (fixmatch_augment_pool's
 factors are all below 1). The source and phi batches still normalise with their own batch
 statistics. --bn-stats official restores the official behaviour.
+And after the last iteration the running statistics (averages over the last few dozen
+augmented crops) are re-estimated on --bn-images whole, unaugmented target training images
+(common.recompute_bn_statistics), the images evaluation and export see; the final
+evaluation, model.pt and best.pt carry them, the manifest keeps the mIoU before
+(running_bn_target_miou) and after (target_miou). --bn-images 0 keeps the running ones.
 At every evaluation the EMA teacher's target-val mIoU is printed and logged beside the
 student's, and the manifest records both.
 
@@ -196,6 +201,7 @@ def main(argv=None):
     g.add_argument("--cutout", type=float, default=0.2,
                    help="CutOut: side of the black square, as a fraction of the crop width (official: "
                         "0.2); Eq. (12) skips its pixels")
+    common.add_bn_images_arg(g)
     g.add_argument("--no-stm", action="store_true", help="uniform source weights (Table 4 without STM)")
     g.add_argument("--no-consistency", action="store_true", help="drop Eq. (12) (Table 4 rows)")
     p.set_defaults(warmup_iters=None)
@@ -281,18 +287,26 @@ def main(argv=None):
             ema_update(teacher, model, args.ema)
 
     extra = {"teacher": (teacher.state_dict, lambda sd: teacher.load_state_dict(sd))}
+    bn_items = common.bn_images(common.target_train_items(args.data), args.bn_images)
     final, best, state = common.train_loop(
         args, stage.dir, model, step_loss, val, extra_state=extra, after_step=after_step,
-        resume=resuming, also_eval=None if args.no_consistency else {"teacher": teacher})
+        resume=resuming, also_eval=None if args.no_consistency else {"teacher": teacher},
+        bn_items=bn_items)
     if rank == 0:
         common.save_checkpoint(stage.dir / "model.pt", **state)
         stage.finish({"target_miou": final["miou"], "teacher_target_miou": final.get("teacher_miou"),
+                      "bn_images": len(bn_items),
+                      "running_bn_target_miou": final.get("running_bn_miou"),
+                      "teacher_running_bn_target_miou": final.get("teacher_running_bn_miou"),
                       "target": final, "best": best,
                       "warmup_target_miou": warm["summary"]["target_miou"],
                       "init": args.init, "ema": args.ema,
                       "pla": maps["args"].get("pla", "maps"), "stm": not args.no_stm,
                       "consistency": not args.no_consistency})
         teach = f", EMA teacher {final['teacher_miou']:.1f}" if "teacher_miou" in final else ""
+        if "running_bn_miou" in final:
+            teach += (f"; batch norm statistics re-estimated on {len(bn_items)} target images, "
+                      f"{final['running_bn_miou']:.1f} with those of training")
         print(f"05_selftrain: target val mIoU {final['miou']:.1f}{teach} (warm-up "
               f"{warm['summary']['target_miou']:.1f}; best {best['miou']:.1f} at iteration "
               f"{best.get('iteration')}) -> {stage.dir / 'model.pt'}")

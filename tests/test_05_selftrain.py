@@ -415,8 +415,13 @@ def test_selftrain_teacher_runs_on_batch_statistics_with_dropout_off(selftrain):
         assert not c["grad"] and c["x"].shape[0] == BATCH
         assert c["bn"] == [True] * n_bn                         # the target batch's statistics
         assert c["dropout"] == [False]                          # the Dropout2d is off
-    # evaluated on val (the manifest's teacher_target_miou): running statistics, eval mode
-    ev = [c for c in calls if c["who"] == "teacher" and c["step"] is None]
+    # evaluated on val (the manifest's teacher_target_miou): running statistics, eval mode;
+    # the re-estimation of its statistics before the final evaluation (--bn-images) runs in
+    # training mode with momentum None (torch's update_bn)
+    after = [c for c in calls if c["who"] == "teacher" and c["step"] is None]
+    recal = [c for c in after if c["momentum"] == [None] * n_bn]
+    ev = [c for c in after if c["momentum"] != [None] * n_bn]
+    assert recal and all(all(c["bn"]) for c in recal)
     assert ev and all(not any(c["bn"]) and not any(c["dropout"]) for c in ev)
 
 
@@ -476,6 +481,78 @@ def test_frozen_bn_statistics_keeps_running_statistics_and_uses_batch_ones():
     assert bn.momentum == 0.1                             # restored after an error too
     model(x)
     assert not torch.equal(bn.running_mean, mean0)        # outside, forwards move them again
+
+
+def test_bn_images_are_evenly_spaced():
+    items = [(f"img{k}.png", None) for k in range(10)]
+    assert common.bn_images(items, 4) == [items[0], items[2], items[5], items[7]]
+    assert common.bn_images(items, 10) == items == common.bn_images(items, 500)
+    assert common.bn_images(items, 0) == [] == common.bn_images([], 3)
+
+
+def test_recompute_bn_statistics_by_hand(tmp_path):
+    """Five 2x2 images of one grey value each (0, 51, 102, 153, 204 in every channel), in
+    batches of 2: (0, 51), (102, 153) and the lone 204 with its mirror image (204, 204).
+    After normalize(), channel c holds (v / 255 - m_c) / s_c. Each batch's mean and
+    unbiased variance (8 values: 4 of each image) by hand; the running statistics are their
+    plain average over the three batches (momentum None), as torch's update_bn computes them."""
+    vals = [0, 51, 102, 153, 204]
+    items = []
+    for k, v in enumerate(vals):
+        common.save_png(tmp_path / f"{k}.png", np.full((2, 2, 3), v, np.uint8))
+        items.append((tmp_path / f"{k}.png", None))
+    bn = torch.nn.BatchNorm2d(3)
+    conv = torch.nn.Conv2d(3, 3, 1)
+    model = torch.nn.Sequential(conv, bn).eval()
+    w0 = {k: v.clone() for k, v in conv.state_dict().items()}
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        conv.bias.zero_()
+        bn.running_mean.fill_(7.0)
+    assert common.recompute_bn_statistics(model, items, "cpu", batch_size=2) == 5
+    mean, std = torch.tensor(common.IMAGENET_MEAN), torch.tensor(common.IMAGENET_STD)
+    m_b, v_b = [], []
+    for a, b in ((0, 51), (102, 153), (204, 204)):
+        xa, xb = (a / 255 - mean) / std, (b / 255 - mean) / std      # (3,) per channel
+        m = (xa + xb) / 2
+        m_b.append(m)
+        v_b.append(((xa - m) ** 2 * 4 + (xb - m) ** 2 * 4) / 7)        # unbiased over 8 values
+    assert torch.allclose(bn.running_mean, sum(m_b) / 3, atol=1e-6)
+    assert torch.allclose(bn.running_var, sum(v_b) / 3, atol=1e-6)
+    assert not model.training and bn.momentum == 0.1                   # mode and momentum restored
+    assert torch.equal(conv.weight, torch.eye(3).view(3, 3, 1, 1))      # no weight moved
+    assert not torch.equal(conv.weight, w0["weight"])
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        common.recompute_bn_statistics(model, items, "cpu", batch_size=1)
+
+
+def test_selftrain_saves_statistics_re_estimated_on_the_target_images(selftrain):
+    """--bn-images (default 500; the toy fixture has 2 target training images): the saved
+    student's weights are those of the last iteration (last.pt, written before the final
+    evaluation) and its batch norm statistics are last.pt's model re-estimated on those
+    images; the manifest's target_miou is that model's, running_bn_target_miou last.pt's."""
+    work, _, _ = selftrain
+    s = json.loads((work / "05_selftrain" / "manifest.json").read_text())["summary"]
+    data = work.parent / "data"
+    targets = common.target_train_items(data)
+    assert s["bn_images"] == len(targets) == 2
+    final = common.load_checkpoint(work / "05_selftrain" / "model.pt")
+    last = common.load_checkpoint(work / "05_selftrain" / "last.pt")
+    model = common.build_model(final["args"]["backbone"])
+    common.load_state_strict(model, last["model"], what="last.pt")
+    val = common.target_val_items(data)
+
+    def miou(m):
+        cm = common.evaluate(m, val, "cityscapes", torch.device("cpu"), "gta5")
+        return common.summarize_iou(cm, "gta5")["miou"]
+    assert s["running_bn_target_miou"] == pytest.approx(miou(model), abs=1e-9)
+    common.recompute_bn_statistics(model, targets, "cpu")
+    got = model.state_dict()
+    for k, v in final["model"].items():
+        assert torch.allclose(got[k].float(), v.float(), atol=1e-6), k
+    stats = [k for k in got if k.endswith("running_mean")]
+    assert stats and not all(torch.equal(last["model"][k], final["model"][k]) for k in stats)
+    assert s["target_miou"] == pytest.approx(miou(model), abs=1e-9)
 
 
 def test_selftrain_manifest_records_the_resolved_schedule(selftrain):

@@ -6,6 +6,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+import numpy as np
+from PIL import Image
 
 import common
 from conftest import few_targets, load_stage, run_stage
@@ -98,6 +100,18 @@ def test_confidence_threshold():
     prob = torch.tensor([[0.9, 0.45], [0.1, 0.55]]).view(1, 2, 1, 2)
     assert ds.pseudo_label(prob.clone(), 0.6).tolist() == [[0, 255]]
     assert ds.pseudo_label(prob.clone(), 0.0).tolist() == [[0, 1]]
+    # the default is ProDA's 0.95, and a confidence equal to it is ignored (conf <= threshold)
+    prob = torch.tensor([[0.95, 0.96, 0.5], [0.05, 0.04, 0.5]]).view(1, 2, 1, 3)
+    assert ds.pseudo_label(prob.clone()).tolist() == [[255, 0, 255]]
+    assert ds.pseudo_label(prob.clone(), 0.0).tolist() == [[0, 0, 0]]
+
+
+def test_bn_images_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ds.main(["--data", str(tmp_path), "--work", str(tmp_path / "w"), "--bn-images", "-1"])
+    assert e.value.code == 2
+    assert "--bn-images must be a number >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 # ============ the lr warm-up default (issue 11) ============
@@ -192,3 +206,23 @@ def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_pa
     m = json.loads((w / "06_distill" / "manifest.json").read_text())
     assert m["summary"]["student_init"] == "warmup-full"
     assert m["summary"]["rounds"][0]["student_init"]["spec"] == "warmup-full"
+
+
+def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(distill):
+    """The round's teacher labels are the flip-averaged argmax where its confidence is
+    above 0.95 (ProDA's threshold), 255 elsewhere; the round's summary reports the target
+    mIoU with the statistics of training and after re-estimating them (--bn-images)."""
+    data, work, _ = distill
+    m = json.loads((work / "06_distill" / "manifest.json").read_text())["summary"]
+    targets = common.target_train_items(data)
+    assert m["conf_threshold"] == 0.95 and m["bn_images"] == len(targets) == 2
+    r = m["rounds"][0]
+    assert isinstance(r["running_bn_target_miou"], float) and isinstance(r["target_miou"], float)
+    teacher, _ = common.model_from_checkpoint(work / "05_selftrain" / "model.pt")
+    for p, _ in targets:
+        img = torch.from_numpy(common.read_image(p).copy()).permute(2, 0, 1)[None]
+        prob = ds.teacher_probs(teacher, img)
+        conf, arg = prob.max(1)
+        want = np.where(conf[0].numpy() > 0.95, arg[0].numpy(), 255)
+        got = np.array(Image.open(work / "06_distill" / "round1" / "labels" / common.item_name(p)))
+        assert np.array_equal(got, want)
