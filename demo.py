@@ -130,9 +130,13 @@ def main(argv=None):
             ("03 pseudo labels: ratio / accuracy",
              f"{100 * s3.get('pl_ratio', float('nan')):.1f}% / {100 * s3.get('accuracy', float('nan')):.1f}%"),
             ("05 self-training (Eq. 13)", f"{m['05_selftrain']['summary']['target_miou']:.1f}"),
+            ("05 with training's running BN statistics",
+             f"{m['05_selftrain']['summary'].get('running_bn_target_miou') or float('nan'):.1f}"),
             ("05 its EMA teacher", f"{m['05_selftrain']['summary'].get('teacher_target_miou') or float('nan'):.1f}")]
     for r in m["06_distill"]["summary"]["rounds"]:
         rows.append((f"06 distillation, round {r['round']}", f"{r['target_miou']:.1f}"))
+        rows.append((f"06 round {r['round']}, running BN statistics",
+                     f"{r.get('running_bn_target_miou') or float('nan'):.1f}"))
     print("\n" + "=" * 64 + f"\nBiSMAP toy pipeline finished in {time.time() - t_all:.0f} s "
           f"(target: toy Cityscapes val, mIoU %)\n" + "=" * 64)
     for k, v in rows:

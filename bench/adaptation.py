@@ -11,7 +11,11 @@ with the demo's flags), then on the same 01-04 artifacts:
     accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth.
 It prints per-seed target mIoU (toy Cityscapes val) of 02, 05 (student and EMA teacher)
 and 06 (each round), the mean and the spread (sample standard deviation) over seeds,
-and the paired gains 05 - 02 and 06 - 05. The figures are read from the stages'
+and the paired gains 05 - 02 and 06 - 05. 05 and 06 save batch norm statistics
+re-estimated on the target training images (--bn-images); beside them: 05 with the
+running statistics of training ("05 rBN"), and 02 with its statistics re-estimated the
+same way ("02 tBN", AdaBN; computed here from 02's model.pt), which tells how much of
+05 - 02 the statistics alone explain. The figures are read from the stages'
 manifests; every command is printed. A rerun reuses finished runs (each stage resumes
 from its own folder), so an interrupted benchmark can simply be started again; a seed
 folder whose work/ already holds a finished pipeline (for example the data/ and work/
@@ -67,6 +71,19 @@ def with_flag(args, name, value):
     return args
 
 
+def warmup_with_target_bn(work, data):
+    """02's model with its batch norm statistics re-estimated on the target training images
+    as 05 and 06 re-estimate theirs (--bn-images' default): the AdaBN reference (Li et al.,
+    2016) that tells how much of 05's gain over 02 the statistics alone would give."""
+    import torch
+    import common
+    source = manifest(work, "02_warmup")["args"]["source"]
+    model, _ = common.model_from_checkpoint(Path(work) / "02_warmup" / "model.pt", "cpu")
+    common.recompute_bn_statistics(model, common.bn_images(common.target_train_items(data), 500), "cpu")
+    cm = common.evaluate(model, common.target_val_items(data), "cityscapes", torch.device("cpu"), source)
+    return common.summarize_iou(cm, source)["miou"]
+
+
 def mean_sd(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -98,7 +115,9 @@ def main(argv=None):
         row = {"seed": seed,
                "02": manifest(work, "02_warmup")["summary"]["target_miou"],
                "02_source": manifest(work, "02_warmup")["summary"].get("source_miou"),
+               "02_target_bn": warmup_with_target_bn(work, data),
                "05": manifest(work, "05_selftrain")["summary"]["target_miou"],
+               "05_running_bn": manifest(work, "05_selftrain")["summary"].get("running_bn_target_miou"),
                "05_teacher": manifest(work, "05_selftrain")["summary"].get("teacher_target_miou"),
                "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]]}
         s3 = manifest(work, "03_maps")["summary"]
@@ -127,7 +146,8 @@ def main(argv=None):
     def fmt(x):
         return "  -  " if x is None else f"{x:5.1f}"
     n6 = max(len(r["06"]) for r in rows)
-    head = ["seed", "02", "05", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)], "05-02", "06-05"]
+    head = ["seed", "02", "02 tBN", "05", "05 rBN", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)],
+            "05-02", "05-02bn", "06-05"]
     if not a.no_ablations:
         head += ["noSTM", "noCons"]
     print("\n" + "=" * 78)
@@ -137,7 +157,8 @@ def main(argv=None):
     print(" ".join(f"{h:>7}" for h in head))
     cols = {h: [] for h in head[1:]}
     for r in rows:
-        vals = [r["02"], r["05"], r["05_teacher"], *r["06"], r["05"] - r["02"], r["06"][-1] - r["05"]]
+        vals = [r["02"], r["02_target_bn"], r["05"], r["05_running_bn"], r["05_teacher"], *r["06"],
+                r["05"] - r["02"], r["05"] - r["02_target_bn"], r["06"][-1] - r["05"]]
         if not a.no_ablations:
             vals += [r["05_no_stm"], r["05_no_consistency"]]
         for h, v in zip(head[1:], vals):
@@ -154,11 +175,16 @@ def main(argv=None):
     pg, psd = ms["05-02"]
     print(f"05 - 02 paired per seed: {pg:+.1f} +- {psd:.1f} (sd): "
           + ("above zero by more than its sd" if pg > psd else "NOT above zero by more than its sd"))
+    pb, pbsd = ms["05-02bn"]
+    print(f"05 - (02 with target batch norm statistics, AdaBN) paired per seed: {pb:+.1f} +- {pbsd:.1f}: "
+          + ("self-training adds to what the statistics alone give" if pb > pbsd else
+             "self-training does NOT add to what the statistics alone give"))
     g6 = ms[f"06 r{n6}"][0] - ms["05"][0]
     print(f"06 (last round) vs 05: mean {g6:+.1f} mIoU: " + ("06 >= 05" if g6 >= 0 else "06 < 05"))
     if not a.no_ablations:
         print("\nTable 4 on the toy data (mean over seeds, target mIoU %):")
-        for label, h in (("02 warm-up (GPA baseline)", "02"), ("05 without STM", "noSTM"),
+        for label, h in (("02 warm-up (GPA baseline)", "02"),
+                         ("02, statistics re-estimated on target (AdaBN)", "02 tBN"), ("05 without STM", "noSTM"),
                          ("05 without consistency", "noCons"), ("05 full (STM + MAPs + consistency)", "05"),
                          (f"06 distillation (round {n6})", f"06 r{n6}")):
             print(f"  {label:<38} {ms[h][0]:5.1f} +- {ms[h][1]:.1f}")
