@@ -95,8 +95,7 @@ def pseudo_label(prob, conf_threshold=0.95):
     threshold, as ProDA's loader does (data/cityscapes_dataset.py: lp[conf <= threshold] = 250;
     0 keeps every pixel, a softmax maximum is never 0)."""
     conf, lab = prob.max(1)                                                # (1, H, W)
-    if conf_threshold > 0:
-        lab[conf <= conf_threshold] = common.IGNORE
+    lab[conf <= conf_threshold] = common.IGNORE
     return lab[0].byte().cpu().numpy()
 
 

@@ -1699,8 +1699,8 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
         before = {}
         if bn_items and at == args.iters:
             _, run_metrics = run_eval()
-            before = {f"{k[:-len('miou')]}running_bn_miou": v for k, v in run_metrics.items()
-                      if k == "miou" or k.endswith("_miou")}
+            before = {"running_bn_miou": run_metrics["miou"],
+                      **{f"{n}_running_bn_miou": run_metrics[f"{n}_miou"] for n in also_eval or {}}}
             for m in [raw, *(also_eval or {}).values()]:
                 recompute_bn_statistics(m, bn_items, device)
             log0(f"target val mIoU {run_metrics['miou']:.1f} with the running batch norm statistics "
@@ -1762,7 +1762,7 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             metrics = eval_and_report(done)
         barrier()
     if metrics is None:  # resumed at the end: evaluate once for the summary
-        if bn_items:  # the end's evaluations were done, the re-estimate was not saved
+        if bn_items:  # last.pt holds training's statistics: both figures and the re-estimate again
             metrics = eval_and_report(args.iters)
         else:
             metrics = run_eval()[1]
@@ -1979,7 +1979,7 @@ def recompute_bn_statistics(model, items, device, batch_size=8):
     items: [(image path, _), ...]; batch_size >= 2 (ASPP's pooled branch normalises one
     value per image). update_bn averages each batch's variance, which holds only
     (B - 1) / B of the variance between images: 8 images per batch keep 7/8 of it (the toy
-    05 of seed 0 scored 36.3 with batches of 2, 37.1 with batches of 4), at no more memory
+    05 of seed 0 scored 36.3 with batches of 2, 37.1 with 4 and with 8), at no more memory
     than a few activation maps of 8 whole images without gradients. Every rank runs the
     same images, so the statistics agree across ranks (with SyncBatchNorm the ranks'
     identical batches average to the same values)."""

@@ -73,13 +73,14 @@ def with_flag(args, name, value):
 
 def warmup_with_target_bn(work, data):
     """02's model with its batch norm statistics re-estimated on the target training images
-    as 05 and 06 re-estimate theirs (--bn-images' default): the AdaBN reference (Li et al.,
-    2016) that tells how much of 05's gain over 02 the statistics alone would give."""
+    as 05 re-estimated its own (its --bn-images): the AdaBN reference (Li et al., 2016)
+    that tells how much of 05's gain over 02 the statistics alone would give."""
     import torch
     import common
     source = manifest(work, "02_warmup")["args"]["source"]
+    n = manifest(work, "05_selftrain")["args"]["bn_images"]
     model, _ = common.model_from_checkpoint(Path(work) / "02_warmup" / "model.pt", "cpu")
-    common.recompute_bn_statistics(model, common.bn_images(common.target_train_items(data), 500), "cpu")
+    common.recompute_bn_statistics(model, common.bn_images(common.target_train_items(data), n), "cpu")
     cm = common.evaluate(model, common.target_val_items(data), "cityscapes", torch.device("cpu"), source)
     return common.summarize_iou(cm, source)["miou"]
 
