@@ -266,8 +266,10 @@ class WriteError(OSError):
 def write_error(path, e):
     """A WriteError naming `path` (the final name) and the system's reason."""
     reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
-    hint = ("the disk is full: free some space" if getattr(e, "errno", None) in (28, 27, 122)
-            else "check that the folder exists, is a folder, and is writable")
+    code = getattr(e, "errno", None)
+    hint = ("the disk is full: free some space" if code in (28, 27, 122)
+            else "the write stopped part-way: check the disk's free space and any file-size limit"
+            if code == 5 else "check that the folder exists, is a folder, and is writable")
     err = WriteError(f"cannot write {path}: {reason} ({hint})")
     err.errno = getattr(e, "errno", None)
     return err
@@ -1352,8 +1354,17 @@ def now():
 
 
 def save_checkpoint(path, **state):
+    """torch.save `state` to `path` atomically. torch's zip writer reports a failed write
+    (a full disk, a file-size limit) as a RuntimeError such as "unexpected pos ... vs ...",
+    not as an OSError: it becomes a WriteError naming `path` and the likely cause."""
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:
+            free = shutil.disk_usage(tmp.parent).free
+            errno = 28 if free < 2**28 else 5  # under 256 MiB free: the disk is full (ENOSPC)
+            raise write_error(path, OSError(errno, f"torch.save failed ({e}); "
+                                                   f"{free / 2**20:.0f} MiB free on that disk")) from None
 
 
 def load_checkpoint(path, producer=None):

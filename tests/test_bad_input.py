@@ -246,3 +246,19 @@ def test_predict_write_failures_are_one_line(onnx_model, tmp_path):
         errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
         assert len(errors) == 1 and f"cannot write {out[0]}" in errors[0], (what, r.stderr)
     assert not list((tmp_path / "preds").glob(".tmp-*"))                # nothing half-written
+
+
+def test_checkpoint_write_failure_names_the_checkpoint_and_keeps_the_old_one(tmp_path):
+    # torch's zip writer reports a failed write as a RuntimeError ("unexpected pos ..."), not as
+    # an OSError: save_checkpoint must still say which file and why, and leave the old one whole
+    ckpt = tmp_path / "last.pt"
+    common.save_checkpoint(ckpt, step=1, w=torch.zeros(4))
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.save_checkpoint(sys.argv[2], step=2, w=torch.zeros(100_000))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(ckpt)], capture_output=True,
+                       text=True, preexec_fn=_limit_file_size)
+    assert r.returncode != 0
+    assert f"WriteError: cannot write {ckpt}: torch.save failed" in r.stderr, r.stderr
+    assert "file-size limit" in r.stderr or "disk is full" in r.stderr, r.stderr
+    assert common.load_checkpoint(ckpt)["step"] == 1                      # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]       # no temporary left
