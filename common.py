@@ -1267,8 +1267,11 @@ class Stage:
 
     begin(): removes a previous manifest (so a crash never leaves a 'complete' stage)
     and records run.json; a stage whose run.json holds the same resume key resumes
-    (per-image outputs already written are kept), otherwise the folder is cleared.
-    finish(summary): writes manifest.json (complete=True) atomically."""
+    (per-image outputs already written are kept). Otherwise a finished run (other
+    arguments or upstream runs) is moved aside to <stage>.previous, an unfinished one is
+    cleared, and the folder starts empty.
+    finish(summary): writes manifest.json (complete=True) atomically, then deletes
+    <stage>.previous: finished work is removed only once the run replacing it has finished."""
 
     def __init__(self, args, name):
         self.args, self.name = args, name
@@ -1306,6 +1309,7 @@ class Stage:
             except OSError as e:
                 raise write_error(self.dir, e) from None
             if not resuming:
+                self.set_aside_finished_run()
                 for p in self.dir.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             (self.dir / "manifest.json").unlink(missing_ok=True)
@@ -1317,6 +1321,32 @@ class Stage:
 
     def upstream_ids(self):
         return {k: v.get("run_id") for k, v in self.upstream.items()}
+
+    @property
+    def previous(self):
+        return self.dir.with_name(self.dir.name + ".previous")
+
+    def set_aside_finished_run(self):
+        """Rename a finished run's folder to <stage>.previous (a rename: no copy, no extra
+        disk until the new run writes) and start an empty folder. A folder that is a link
+        (a stage shared with another work folder) is renamed as a link: what it points to is
+        never touched. An older <stage>.previous is replaced by this newer finished run."""
+        global _SET_ASIDE
+        try:
+            done = json.loads((self.dir / "manifest.json").read_text()).get("complete")
+        except (OSError, json.JSONDecodeError):
+            done = False
+        if not done:
+            return
+        try:
+            remove_tree(self.previous)
+            os.replace(self.dir, self.previous)
+            self.dir.mkdir()
+        except OSError as e:
+            raise write_error(self.previous, e) from None
+        _SET_ASIDE = (self.dir, self.previous)
+        log0(f"{self.dir}: the finished run there had other arguments or inputs; it is kept in "
+             f"{self.previous} until this run finishes")
 
     def use(self, stage):
         """Read an upstream stage's manifest and remember its run id."""
@@ -1337,7 +1367,20 @@ class Stage:
              "wall_time_s": round(time.time() - self.t0, 1), "summary": summary}
         m.update(extra)
         save_json(self.dir / "manifest.json", m)
+        remove_tree(self.previous)                 # the run it replaces, now that this one is done
         return m
+
+
+_SET_ASIDE = None   # (stage folder, where its finished run was moved) for run_main's error note
+
+
+def remove_tree(path):
+    """Delete a folder (or, for a link, only the link); nothing there is not an error."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def start(args, name):
@@ -2057,7 +2100,29 @@ HINTS = {DataError: "fix, replace or give the file or folder named above",
 def run_main(main, argv=None):
     """Run a stage's main(); an expected error prints `error: ...` (and a hint) on stderr and
     exits with status 1, without a traceback unless --debug is given."""
+    global _SET_ASIDE
     argv = sys.argv[1:] if argv is None else argv
+    _SET_ASIDE = None
+    try:
+        _run_main_body(main, argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            note_set_aside_run()
+        raise
+    except BaseException:
+        note_set_aside_run()
+        raise
+
+
+def note_set_aside_run():
+    """After a failed run: where the finished run it was to replace is, and how to go back."""
+    if _SET_ASIDE and get_rank() == 0 and _SET_ASIDE[1].exists():
+        d, prev = _SET_ASIDE
+        print(f"note: the finished run this one was to replace is kept in {prev}; to go back to "
+              f"it: rm -rf {d} && mv {prev} {d}", file=sys.stderr, flush=True)
+
+
+def _run_main_body(main, argv):
     try:
         rc = main(argv)
     except EXPECTED_ERRORS as e:

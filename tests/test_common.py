@@ -1,7 +1,9 @@
 """Foundation: label decodings on files in the real formats, class subsets, IoU (by hand
 and against the official Cityscapes evaluator), the model, strict loading, transforms."""
+import json
 import struct
 import zlib
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -215,3 +217,64 @@ def test_poly_lr():
     assert common.poly_lr(1.0, 0, 100) == 1.0
     assert common.poly_lr(1.0, 50, 100, 0.9) == pytest.approx(0.5 ** 0.9)
     assert common.poly_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1)
+
+
+def _finished_run(work, name, **args):
+    """A stage run through Stage.begin/finish with `args`, holding one file."""
+    st = common.Stage(Namespace(work=str(work), **args), name)
+    st.begin()
+    (st.dir / "model.pt").write_text(f"trained with {args}")
+    return st
+
+
+def test_a_finished_run_is_kept_until_the_run_replacing_it_finishes(tmp_path, capsys):
+    old = _finished_run(tmp_path, "02_warmup", lr=0.1)
+    old.finish({"miou": 1.0})
+    new = common.Stage(Namespace(work=str(tmp_path), lr=0.2), "02_warmup")
+    assert new.begin() is False                             # other arguments: a new run
+    prev = tmp_path / "02_warmup.previous"
+    assert "kept in" in capsys.readouterr().out
+    assert sorted(p.name for p in new.dir.iterdir()) == ["run.json"]
+    assert (prev / "model.pt").read_text() == "trained with {'lr': 0.1}"
+    assert json.loads((prev / "manifest.json").read_text())["complete"]
+    # the new run fails; a third one (other arguments again) still keeps the finished run
+    (new.dir / "model.pt").write_text("half trained")
+    third = common.Stage(Namespace(work=str(tmp_path), lr=0.3), "02_warmup")
+    third.begin()
+    assert not (third.dir / "model.pt").exists()             # an unfinished run is cleared
+    assert (prev / "model.pt").read_text() == "trained with {'lr': 0.1}"
+    (third.dir / "model.pt").write_text("trained with lr 0.3")
+    third.finish({"miou": 2.0})
+    assert not prev.exists()                                 # removed once the new run finished
+    assert common.read_manifest(tmp_path, "02_warmup")["args"]["lr"] == 0.3
+
+
+def test_a_linked_stage_folder_is_set_aside_as_a_link(tmp_path):
+    shared = tmp_path / "other_work"
+    _finished_run(shared, "01_stylize", size=1).finish({})
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "01_stylize").symlink_to(shared / "01_stylize", target_is_directory=True)
+    st = common.Stage(Namespace(work=str(work), size=2), "01_stylize")
+    st.begin()
+    assert (work / "01_stylize.previous").is_symlink() and not st.dir.is_symlink()
+    st.finish({})
+    assert not (work / "01_stylize.previous").exists()
+    assert (shared / "01_stylize" / "model.pt").read_text() == "trained with {'size': 1}"  # untouched
+
+
+def test_a_failed_run_says_where_the_finished_run_is(tmp_path, capsys, monkeypatch):
+    _finished_run(tmp_path, "05_selftrain", lam=20).finish({})
+    monkeypatch.setattr(common, "_SET_ASIDE", None)
+
+    def main(argv):
+        common.Stage(Namespace(work=str(tmp_path), lam=30), "05_selftrain").begin()
+        raise common.DataError("a corrupt image")
+
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main, [])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    d, prev = tmp_path / "05_selftrain", tmp_path / "05_selftrain.previous"
+    assert "error: a corrupt image" in err
+    assert f"kept in {prev}; to go back to it: rm -rf {d} && mv {prev} {d}" in err
