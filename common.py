@@ -275,10 +275,15 @@ def write_error(path, e):
     return err
 
 
+DISK_NEARLY_FULL = 2 ** 28   # bytes: a failed write with less free than this was a full disk
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yield a temporary path; on success rename it to `path` (never a half file).
-    An OSError while writing becomes a WriteError naming `path`."""
+    An OSError while writing becomes a WriteError naming `path`; so does any other error
+    raised while the disk has under 256 MiB free (writers such as torch.save and
+    torch.onnx.export report a full disk as a RuntimeError)."""
     path = Path(path)
     tmp = atomic_path(path)
     try:
@@ -293,6 +298,12 @@ def atomic_write(path):
             raise
         except OSError as e:
             raise write_error(path, e) from None
+        except Exception as e:
+            free = shutil.disk_usage(path.parent).free
+            if free < DISK_NEARLY_FULL:
+                raise write_error(path, OSError(28, f"{type(e).__name__}: {e}; "
+                                                    f"{free / 2**20:.0f} MiB free")) from None
+            raise
     finally:
         with contextlib.suppress(OSError):
             if tmp.exists():
@@ -1405,7 +1416,7 @@ def save_checkpoint(path, **state):
             torch.save(state, tmp)
         except RuntimeError as e:
             free = shutil.disk_usage(tmp.parent).free
-            errno = 28 if free < 2**28 else 5  # under 256 MiB free: the disk is full (ENOSPC)
+            errno = 28 if free < DISK_NEARLY_FULL else 5     # ENOSPC, else EIO
             raise write_error(path, OSError(errno, f"torch.save failed ({e}); "
                                                    f"{free / 2**20:.0f} MiB free on that disk")) from None
 

@@ -262,3 +262,20 @@ def test_checkpoint_write_failure_names_the_checkpoint_and_keeps_the_old_one(tmp
     assert "file-size limit" in r.stderr or "disk is full" in r.stderr, r.stderr
     assert common.load_checkpoint(ckpt)["step"] == 1                      # the old one, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]       # no temporary left
+
+
+def test_a_writer_failing_on_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
+    # torch.onnx.export and others raise RuntimeError when the disk fills: with under 256 MiB
+    # free that is a WriteError naming the file; with space left it stays the writer's error
+    target = tmp_path / "bismap.onnx"
+    for free, expected in ((2 ** 20, common.WriteError), (2 ** 40, RuntimeError)):
+        monkeypatch.setattr(common.shutil, "disk_usage", lambda p, f=free: shutil._ntuple_diskusage(0, 0, f))
+        with pytest.raises(expected) as e:
+            with common.atomic_write(target) as tmp:
+                tmp.write_bytes(b"half")
+                raise RuntimeError("writer failed")
+        assert type(e.value) is expected and not list(tmp_path.iterdir())
+        if expected is common.WriteError:
+            assert str(e.value).startswith(f"cannot write {target}: RuntimeError: writer failed; 1 MiB free")
+            assert "the disk is full" in str(e.value)
+    assert str(e.value) == "writer failed"
