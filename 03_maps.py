@@ -7,7 +7,9 @@ it fits one Gaussian mixture of K = 8 diagonal Gaussians per class by EM (Eq. (4
 then every target training image gets the pseudo label argmax_c p_c(f) where
 max_c p_c(f) >= delta, else 255 (Eq. (6)), with the features upsampled to the image size
 (footnote 1). `--pla centroid|confidence` gives the paper's Table 3 baselines (CAs-PLA,
-IAS-PLA) in the same artifact format.
+IAS-PLA) in the same artifact format. `--bn-images N` normalises each domain's features
+with batch-norm statistics re-estimated on N whole images of that domain (default 0: the
+warm-up's running statistics, as the official code).
 
 Reads:  work/02_warmup/model.pt, manifest.json     (the warm-up segmentor E, G = F o E)
         work/01_stylize/images/<source image>       (stylized source, not for --pla confidence)
@@ -39,6 +41,7 @@ Commands:
     python 03_maps.py --data toy --work toywork_cas --pla centroid --target-ratio 0.5 --workers 0
 """
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -52,11 +55,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (CLASSES, IGNORE, NUM_CLASSES, DataError, SegDataset, Stage, StageError,
-                    autocast, barrier, image_loader, base_parser, cityscapes_items, cleanup_distributed, colorize,
+                    autocast, barrier, bn_images, image_loader, base_parser, cityscapes_items,
+                    cleanup_distributed, colorize,
                     confusion, decode_label, item_name, items_digest, iou_table, label_kind, log0,
                     model_from_checkpoint, need, normalize, overlay, pick_device, save_json,
                     save_npz, save_png, seed_everything, setup_distributed, stage_dir,
-                    run_main, stylized_source, summarize_iou, target_train_items)
+                    recompute_bn_statistics, run_main, stylized_source, summarize_iou,
+                    target_train_items)
 
 DEFAULT_DELTA = {"gta5": 100.0, "synthia": -50.0}  # Sec. 4.2
 LOG_2PI = math.log(2 * math.pi)
@@ -614,6 +619,11 @@ def parse_args(argv=None):
     g.add_argument("--target-ratio", type=float, default=None,
                    help="choose the threshold so that this fraction of target pixels get a pseudo "
                         "label (paper Table 5 'PL ratio'); the chosen value goes to the manifest")
+    g.add_argument("--bn-images", type=int, default=0,
+                   help="0 (the official code): E normalises source and target features with the "
+                        "warm-up's running batch-norm statistics. N > 0: E's statistics are "
+                        "re-estimated on N whole stylized source images for Eq. (3) and on N whole "
+                        "target training images for Eq. (6) (README, 'what the paper leaves unsaid')")
     g = p.add_argument_group("MAPs (Eq. (3)-(5), Sec. 4.2)")
     g.add_argument("--components", type=int, default=8, help="K, Gaussians per class (paper: 8)")
     g.add_argument("--samples-per-class", type=int, default=300000,
@@ -651,6 +661,23 @@ def parse_args(argv=None):
     return args
 
 
+def domain_statistics(model, src_items, image_for, targets, n, device):
+    """--bn-images n: a copy of E for each domain, its batch-norm statistics re-estimated on n
+    whole, unaugmented images of that domain (common.recompute_bn_statistics; no weight
+    changes): the stylized source for Eq. (3), the target training images for Eq. (6).
+    Why: the warm-up's running statistics average its augmented training crops of the
+    source, so target features are normalised with source statistics; per-domain statistics
+    (AdaBN, Li et al., 2016) put both domains' features where the prototypes expect them.
+    The official code (generate_maps_pseudolabel.py) runs the warm-up in eval mode, as
+    --bn-images 0 does. Returns (source copy or None without src_items, target copy)."""
+    def recalibrated(items):
+        m = copy.deepcopy(model)
+        recompute_bn_statistics(m, bn_images(items, n), device)
+        return m.eval()
+    src = None if src_items is None else recalibrated([(image_for(p), y) for p, y in src_items])
+    return src, recalibrated(targets)
+
+
 def target_ground_truth(data):
     """{image name: gtFine label path} for Cityscapes train, {} where there is none."""
     import warnings
@@ -679,10 +706,17 @@ def main(argv=None):
                          f"{args.source}: run 03_maps.py --source {ckpt['args']['source']}")
     for p in model.parameters():
         p.requires_grad_(False)
+    src_items = image_for = None
     if args.pla != "confidence":
         src_items, image_for = stylized_source(args, stage)
     targets = target_train_items(args.data)
     gt_for = target_ground_truth(args.data)
+    src_model = tgt_model = model
+    if args.bn_images:
+        src_model, tgt_model = domain_statistics(model, src_items, image_for, targets,
+                                                 args.bn_images, device)
+        log0(f"batch-norm statistics re-estimated per domain on {args.bn_images} source and "
+             f"target images (--bn-images)")
     resuming = stage.begin()
     stage.add_input(ckpt_path)
     out = stage.dir
@@ -695,7 +729,7 @@ def main(argv=None):
     if args.pla != "confidence":
         if not (resuming and proto_file.exists()):
             res, sums, counts = collect_source_features(
-                model, src_items, image_for, label_kind(args.source), args.samples_per_class, device,
+                src_model, src_items, image_for, label_kind(args.source), args.samples_per_class, device,
                 args.amp, args.workers, args.seed, rank, world)
             samples, counts, sums = merge_across_ranks(res, sums, counts, out, args, rank, world)
             if rank == 0:
@@ -723,7 +757,7 @@ def main(argv=None):
         if resuming and cfile.exists():
             calib = json.loads(cfile.read_text())
         else:
-            calib = calibrate(model, targets, args.pla, scorer, args.target_ratio, args, device, rank, world)
+            calib = calibrate(tgt_model, targets, args.pla, scorer, args.target_ratio, args, device, rank, world)
             if rank == 0:
                 save_json(cfile, calib)
         thr = np.array(calib["thresholds"], dtype=np.float64)
@@ -752,7 +786,7 @@ def main(argv=None):
     for i, batch in bar:
         name = item_name(targets[i][0])
         img = batch["image"][None].to(device)                         # (1, 3, H, W)
-        best, arg = score_image(model, img, args.pla, scorer, args.amp, args.chunk)
+        best, arg = score_image(tgt_model, img, args.pla, scorer, args.amp, args.chunk)
         pl = threshold_labels(best, arg, thr_t).cpu().numpy()         # Eq. (6)
         save_png(out / "labels" / name, pl, palette=True)
         gt = tally(pl, gt_for.get(name), cm_all, cm_lab, stats, per_class)
@@ -770,7 +804,8 @@ def main(argv=None):
         k = n * (n + 1)
         cm_all, cm_lab = red[:k].reshape(n, n + 1), red[k:2 * k].reshape(n, n + 1)
         stats, per_class = red[2 * k:2 * k + 3], red[2 * k + 3:]
-    summary = {"pla": args.pla, "threshold": describe_threshold(args.pla, thr, as_dict=True),
+    summary = {"pla": args.pla, "bn_images": args.bn_images,
+               "threshold": describe_threshold(args.pla, thr, as_dict=True),
                "pl_ratio": round(float(stats[1] / max(1, stats[0])), 4), "images": len(targets)}
     if stats[2]:
         valid = cm_lab[:, :n].sum()

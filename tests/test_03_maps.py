@@ -246,6 +246,44 @@ def test_baselines_write_the_same_artifacts(pla, warmup_work, toy_data, tmp_path
           f"(maps: ratio {maps_run[1]['pl_ratio']}, accuracy {maps_run[1]['accuracy']})")
 
 
+def test_bn_images_normalises_each_domain_with_its_own_statistics(warmup_work, toy_data, tmp_path, monkeypatch):
+    # --bn-images n: Eq. (3) runs E with statistics re-estimated on n whole stylized source
+    # images, Eq. (6) (calibration and labels) with statistics re-estimated on n target images
+    import copy
+    import shutil
+    from argparse import Namespace
+    import common
+    shutil.copytree(warmup_work, tmp_path / "w")
+    seen = {"source": [], "target": []}
+
+    def first_bn(model):
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        return bn.running_mean.clone(), bn.running_var.clone(), model.training
+
+    collect, score = M.collect_source_features, M.score_image
+    monkeypatch.setattr(M, "collect_source_features",
+                        lambda model, *a, **k: seen["source"].append(first_bn(model)) or collect(model, *a, **k))
+    monkeypatch.setattr(M, "score_image",
+                        lambda model, *a, **k: seen["target"].append(first_bn(model)) or score(model, *a, **k))
+    s = run_maps(tmp_path / "w", toy_data, "--target-ratio", "0.5", "--bn-images", "3")
+    assert s["bn_images"] == 3 and common.read_manifest(tmp_path / "w", "03_maps")["summary"]["bn_images"] == 3
+
+    warm, _ = common.model_from_checkpoint(tmp_path / "w" / "02_warmup" / "model.pt", "cpu")
+    items, image_for = common.stylized_source(Namespace(data=toy_data, work=tmp_path / "w", source="gta5"))
+    targets = common.target_train_items(toy_data)
+    for domain, imgs in (("source", [(image_for(p), y) for p, y in items]), ("target", targets)):
+        ref = copy.deepcopy(warm)
+        common.recompute_bn_statistics(ref, common.bn_images(imgs, 3), "cpu")
+        mean, var, _ = first_bn(ref)
+        assert not torch.allclose(mean, first_bn(warm)[0])            # the statistics did change
+        assert len(seen[domain]) > 0
+        for m, v, training in seen[domain]:                           # every call, that domain's
+            torch.testing.assert_close(m, mean)
+            torch.testing.assert_close(v, var)
+            assert not training                                       # eval mode: no batch statistics
+    assert not torch.allclose(seen["source"][0][0], seen["target"][0][0])
+
+
 def test_cli_rejects_conflicting_thresholds():
     with pytest.raises(SystemExit):
         M.parse_args(["--delta", "1", "--target-ratio", "0.5"])
