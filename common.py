@@ -2110,32 +2110,15 @@ HINTS = {DataError: "fix, replace or give the file or folder named above",
 
 def run_main(main, argv=None):
     """Run a stage's main(); an expected error prints `error: ...` (and a hint) on stderr and
-    exits with status 1, without a traceback unless --debug is given."""
+    exits with status 1, without a traceback unless --debug is given. After any failure, a
+    note says where the finished run it was to replace is kept (Stage.set_aside_finished_run)."""
     global _SET_ASIDE
     argv = sys.argv[1:] if argv is None else argv
     _SET_ASIDE = None
-    try:
-        _run_main_body(main, argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            note_set_aside_run()
-        raise
-    except BaseException:
-        note_set_aside_run()
-        raise
-
-
-def note_set_aside_run():
-    """After a failed run: where the finished run it was to replace is, and how to go back."""
-    if _SET_ASIDE and get_rank() == 0 and _SET_ASIDE[1].exists():
-        d, prev = _SET_ASIDE
-        print(f"note: the finished run this one was to replace is kept in {prev}; to go back to "
-              f"it: rm -rf {d} && mv {prev} {d}", file=sys.stderr, flush=True)
-
-
-def _run_main_body(main, argv):
+    failed = True
     try:
         rc = main(argv)
+        failed = isinstance(rc, int) and rc != 0
     except EXPECTED_ERRORS as e:
         if "--debug" in argv:
             raise
@@ -2148,4 +2131,9 @@ def _run_main_body(main, argv):
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if failed and _SET_ASIDE and get_rank() == 0 and _SET_ASIDE[1].exists():
+            d, prev = _SET_ASIDE
+            print(f"note: the finished run this one was to replace is kept in {prev}; to go back "
+                  f"to it: rm -rf {d} && mv {prev} {d}", file=sys.stderr, flush=True)
     sys.exit(rc if isinstance(rc, int) else 0)
