@@ -1321,8 +1321,11 @@ class Stage:
                 raise write_error(self.dir, e) from None
             if not resuming:
                 self.set_aside_finished_run()
+                if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
+                    self.dir.unlink()
+                    self.dir.mkdir()
                 for p in self.dir.iterdir():
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    remove_tree(p)
             (self.dir / "manifest.json").unlink(missing_ok=True)
             for p in self.dir.rglob(".tmp-*"):
                 p.unlink()

@@ -263,6 +263,19 @@ def test_a_linked_stage_folder_is_set_aside_as_a_link(tmp_path):
     assert (shared / "01_stylize" / "model.pt").read_text() == "trained with {'size': 1}"  # untouched
 
 
+def test_an_unfinished_run_in_a_linked_folder_is_dropped_as_a_link(tmp_path):
+    shared = tmp_path / "other_work"
+    _finished_run(shared, "05_selftrain", lam=20)                     # begun, never finished
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "05_selftrain").symlink_to(shared / "05_selftrain", target_is_directory=True)
+    st = common.Stage(Namespace(work=str(work), lam=30), "05_selftrain")
+    st.begin()
+    assert not st.dir.is_symlink() and sorted(p.name for p in st.dir.iterdir()) == ["run.json"]
+    assert (shared / "05_selftrain" / "model.pt").read_text() == "trained with {'lam': 20}"
+    assert not (work / "05_selftrain.previous").exists()
+
+
 def test_a_failed_run_says_where_the_finished_run_is(tmp_path, capsys, monkeypatch):
     _finished_run(tmp_path, "05_selftrain", lam=20).finish({})
     monkeypatch.setattr(common, "_SET_ASIDE", None)
