@@ -54,14 +54,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CLASSES, IGNORE, NUM_CLASSES, DataError, SegDataset, Stage, StageError,
-                    autocast, barrier, bn_images, image_loader, base_parser, cityscapes_items,
-                    cleanup_distributed, colorize,
-                    confusion, decode_label, item_name, items_digest, iou_table, label_kind, log0,
-                    model_from_checkpoint, need, normalize, overlay, pick_device, save_json,
-                    save_npz, save_png, seed_everything, setup_distributed, stage_dir,
-                    recompute_bn_statistics, run_main, stylized_source, summarize_iou,
-                    target_train_items)
+from common import (CLASSES, IGNORE, NUM_CLASSES, DataError, LabelTally, SegDataset, Stage,
+                    StageError, autocast, barrier, bn_images, image_loader, base_parser,
+                    cleanup_distributed, colorize, decode_label, item_name, items_digest,
+                    label_kind, log0, model_from_checkpoint, need, normalize, overlay,
+                    pick_device, save_json, save_npz, save_png, seed_everything,
+                    setup_distributed, stage_dir, recompute_bn_statistics, run_main,
+                    stylized_source, target_ground_truth, target_train_items)
 
 DEFAULT_DELTA = {"gta5": 100.0, "synthia": -50.0}  # Sec. 4.2
 LOG_2PI = math.log(2 * math.pi)
@@ -678,17 +677,6 @@ def domain_statistics(model, src_items, image_for, targets, n, device):
     return src, recalibrated(targets)
 
 
-def target_ground_truth(data):
-    """{image name: gtFine label path} for Cityscapes train, {} where there is none."""
-    import warnings
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {item_name(i): lab for i, lab in cityscapes_items(data, "train", with_labels=True)}
-    except DataError:
-        return {}
-
-
 # ============================================================================
 # The stage
 # ============================================================================
@@ -770,17 +758,13 @@ def main(argv=None):
 
     # ============ Eq. (6): pseudo labels for every target training image ============
     (out / "labels").mkdir(exist_ok=True)
-    n = NUM_CLASSES
-    cm_all = np.zeros((n, n + 1), np.int64)        # pseudo label vs ground truth, 255 = a miss
-    cm_lab = np.zeros((n, n + 1), np.int64)        # only pixels that got a pseudo label
-    stats = np.zeros(3, np.int64)                  # pixels, labelled pixels, images with ground truth
-    per_class = np.zeros(n, np.int64)              # pseudo-label pixels per class
+    tally = LabelTally()                           # report counters (ground truth where present)
     mine = list(range(rank, len(targets), world))
     todo = [i for i in mine if not (out / "labels" / item_name(targets[i][0])).exists()]
     done = sorted(set(mine) - set(todo))
     for i in done:                                 # resumed: count what is already written
         pl = decode_label(out / "labels" / item_name(targets[i][0]), "trainid")
-        tally(pl, gt_for.get(item_name(targets[i][0])), cm_all, cm_lab, stats, per_class)
+        tally.add(pl, gt_for.get(item_name(targets[i][0])))
     bar = tqdm(zip(todo, image_loader([targets[i][0] for i in todo], args.workers)), total=len(todo),
                desc=f"pseudo labels ({args.pla})", disable=rank != 0)
     for i, batch in bar:
@@ -789,45 +773,24 @@ def main(argv=None):
         best, arg = score_image(tgt_model, img, args.pla, scorer, args.amp, args.chunk)
         pl = threshold_labels(best, arg, thr_t).cpu().numpy()         # Eq. (6)
         save_png(out / "labels" / name, pl, palette=True)
-        gt = tally(pl, gt_for.get(name), cm_all, cm_lab, stats, per_class)
+        gt = tally.add(pl, gt_for.get(name))
         if i < args.previews:
             im = batch["image"].permute(1, 2, 0).numpy()
             panels = [overlay(im, pl), colorize(pl)] + ([colorize(gt)] if gt is not None else [])
             save_png(out / "previews" / name, np.concatenate(panels, 1))
 
     # ============ report: pseudo-label ratio, accuracy, per-class IoU (Table 5 view) ============
-    if world > 1:
-        red = torch.from_numpy(np.concatenate([cm_all.ravel(), cm_lab.ravel(), stats, per_class]))
-        red = red.to(device)
-        dist.all_reduce(red)
-        red = red.cpu().numpy()
-        k = n * (n + 1)
-        cm_all, cm_lab = red[:k].reshape(n, n + 1), red[k:2 * k].reshape(n, n + 1)
-        stats, per_class = red[2 * k:2 * k + 3], red[2 * k + 3:]
+    tally.all_reduce(device)
     summary = {"pla": args.pla, "bn_images": args.bn_images,
                "threshold": describe_threshold(args.pla, thr, as_dict=True),
-               "pl_ratio": round(float(stats[1] / max(1, stats[0])), 4), "images": len(targets)}
-    if stats[2]:
-        valid = cm_lab[:, :n].sum()
-        summary["accuracy"] = round(float(np.trace(cm_lab[:, :n]) / max(1, valid)), 4)
-        s_all, s_lab = summarize_iou(cm_all, args.source), summarize_iou(cm_lab, args.source)
-        summary["miou"] = round(s_all["miou"], 2)
-        summary["miou_labelled"] = round(s_lab["miou"], 2)
-        summary["images_with_ground_truth"] = int(stats[2])
+               **tally.summary(args.source), "images": len(targets)}
     if calib:
         summary["calibration"] = {k: calib[k] for k in ("images", "pixels", "ratio_on_sample")}
     if rank == 0:
-        report = dict(summary)
-        report["pseudo_pixels_per_class"] = {CLASSES[c]: int(per_class[c]) for c in range(n)}
+        report = {**summary, **tally.report(args.source)}
         if info:
             report["prototypes"] = info
-        if stats[2]:
-            report["iou"] = s_all["iou"]
-            report["iou_labelled"] = s_lab["iou"]
-            report["confusion"] = cm_all.tolist()
-            log0(iou_table(cm_lab, args.source, "per-class IoU of the pseudo labels, labelled pixels only"))
-            log0(iou_table(cm_all, args.source, "per-class IoU of the pseudo labels, ignored pixels "
-                                                "counted as misses"))
+        tally.log(args.source, "the pseudo labels")
         save_json(out / "report.json", report)
         stage.finish(summary, target_items_digest=items_digest(targets), classes=list(CLASSES),
                      outputs={"labels": "labels", "prototypes": proto_file.name if info else None,
@@ -839,24 +802,6 @@ def main(argv=None):
     if world > 1:
         cleanup_distributed()
     return summary
-
-
-def tally(pl, gt_path, cm_all, cm_lab, stats, per_class):
-    """Add one image's pseudo labels to the report counters; returns its ground truth."""
-    stats[0] += pl.size
-    stats[1] += int((pl != IGNORE).sum())
-    per_class += np.bincount(pl.ravel(), minlength=256)[:NUM_CLASSES]
-    if gt_path is None:
-        return None
-    gt = decode_label(gt_path, "cityscapes")
-    if gt.shape != pl.shape:
-        raise DataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]} but the image "
-                        f"is {pl.shape[1]}x{pl.shape[0]}")
-    stats[2] += 1
-    cm_all += confusion(pl, gt)
-    m = pl != IGNORE
-    cm_lab += confusion(pl[m], gt[m])
-    return gt
 
 
 def describe_threshold(pla, thr, as_dict=False):

@@ -14,7 +14,8 @@ Each round r = 1..R:
      official code's kl_div(softmax(student), softmax(teacher)), which is not a KL).
 
 Reads:  work/05_selftrain/model.pt, work/01_stylize/images, work/04_stm/stm, data/cityscapes
-Writes: work/06_distill/round<r>/{labels/*.png, model.pt, best.pt, last.pt, log.jsonl},
+Writes: work/06_distill/round<r>/{labels/*.png, labels_report.json, model.pt, best.pt, last.pt,
+        log.jsonl},
         work/06_distill/model.pt (the last round's student), manifest.json
 
 Real data (one GPU):
@@ -44,7 +45,6 @@ skips a non-matching key silently (luyvlei/BiSMAPs models/adaptation_model.py l.
 """
 import shutil
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -112,6 +112,18 @@ def write_pseudo_labels(model, items, out_dir, device, scales, conf, rank, world
     return done
 
 
+def label_report(items, label_dir, gt_for, source, out):
+    """03's pseudo-label report for a round's teacher labels (ratio; against the target
+    ground truth where it exists: accuracy, per-class IoU, the share of each class's pixels
+    labelled, classes left without a correct label); written to `out`, summary returned."""
+    tally = common.LabelTally()
+    for p, _ in items:
+        tally.add(common.decode_label(label_dir / common.item_name(p), "trainid"), gt_for.get(common.item_name(p)))
+    tally.log(source, "the teacher's pseudo labels")
+    common.save_json(out, tally.report(source))
+    return tally.summary(source)
+
+
 def main(argv=None):
     p = common.base_parser(__doc__, training=True)
     p.set_defaults(batch_size=4, backbone=None)
@@ -166,6 +178,7 @@ def main(argv=None):
     teacher_path = common.stage_dir(args.work, "05_selftrain") / "model.pt"
     stage.add_input(teacher_path)
     bn_items = common.bn_images(targets, args.bn_images)
+    gt_for = common.target_ground_truth(args.data)  # for the label reports only
     rounds = []
     for r in range(1, args.rounds + 1):
         rdir = stage.dir / f"round{r}"
@@ -181,6 +194,11 @@ def main(argv=None):
             teacher_path = rdir / "model.pt"
             common.log0(f"round {r} already finished: {ck['summary']['target_miou']:.1f} mIoU")
             continue
+        labels = None
+        if rank == 0:
+            labels = label_report(targets, rdir / "labels", gt_for, args.source, rdir / "labels_report.json")
+            common.log0(f"round {r}: teacher labels on {100 * labels['pl_ratio']:.1f}% of the target pixels"
+                        + (f", accuracy {100 * labels['accuracy']:.1f}%" if "accuracy" in labels else ""))
         tgt_ds = common.target_dataset(args, rdir / "labels", "06_distill")
 
         # ============ 2. a new student (started from --student-init) ============
@@ -225,7 +243,7 @@ def main(argv=None):
 
         final, best, state = common.train_loop(args, rdir, model, step_loss, val,
                                                resume=resuming, bn_items=bn_items)
-        summary = {"round": r, "teacher": str(teacher_path), "target_miou": final["miou"],
+        summary = {"round": r, "teacher": str(teacher_path), "target_miou": final["miou"], "labels": labels,
                    "running_bn_target_miou": final.get("running_bn_miou"),
                    "target": final, "best": best, "student_init": init}
         if rank == 0:

@@ -1182,6 +1182,108 @@ def iou_table(cm, source, title=""):
     return "\n".join(lines)
 
 
+def target_ground_truth(data):
+    """{image name: gtFine label path} for Cityscapes train, {} where there is none (the
+    target training labels serve the pseudo-label reports only, never training)."""
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {item_name(i): lab for i, lab in cityscapes_items(data, "train", with_labels=True)}
+    except DataError:
+        return {}
+
+
+class LabelTally:
+    """Pseudo labels counted against the target ground truth where it exists (03's and
+    06's reports): pixels, labelled pixels, pseudo-label pixels per class, and two
+    (C, C + 1) confusions (rows ground truth): every pixel (a 255 is a miss) and labelled
+    pixels only."""
+
+    def __init__(self, n=NUM_CLASSES):
+        self.n = n
+        self.cm_all = np.zeros((n, n + 1), np.int64)
+        self.cm_lab = np.zeros((n, n + 1), np.int64)
+        self.stats = np.zeros(3, np.int64)   # pixels, labelled pixels, images with ground truth
+        self.per_class = np.zeros(n, np.int64)
+
+    def add(self, pl, gt_path):
+        """Count one image's pseudo labels (H, W); returns its ground truth (or None)."""
+        self.stats[0] += pl.size
+        self.stats[1] += int((pl != IGNORE).sum())
+        self.per_class += np.bincount(pl.ravel(), minlength=256)[:self.n]
+        if gt_path is None:
+            return None
+        gt = decode_label(gt_path, "cityscapes")
+        if gt.shape != pl.shape:
+            raise DataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]} but the image "
+                            f"is {pl.shape[1]}x{pl.shape[0]}")
+        self.stats[2] += 1
+        self.cm_all += confusion(pl, gt, self.n)
+        m = pl != IGNORE
+        self.cm_lab += confusion(pl[m], gt[m], self.n)
+        return gt
+
+    def all_reduce(self, device):
+        """Sum the counts over all ranks (under torchrun)."""
+        if get_world() == 1:
+            return
+        n, k = self.n, self.n * (self.n + 1)
+        red = torch.from_numpy(np.concatenate([self.cm_all.ravel(), self.cm_lab.ravel(),
+                                               self.stats, self.per_class])).to(device)
+        dist.all_reduce(red)
+        red = red.cpu().numpy()
+        self.cm_all, self.cm_lab = red[:k].reshape(n, n + 1), red[k:2 * k].reshape(n, n + 1)
+        self.stats, self.per_class = red[2 * k:2 * k + 3], red[2 * k + 3:]
+
+    def summary(self, source):
+        """pl_ratio; with ground truth also accuracy (labelled pixels), mIoU (a miss counts
+        against its class), mIoU of the labelled pixels, and `unlabelled_classes`: the
+        classes of the ground truth none of whose pixels got their own label (self-training
+        gets no target signal for them; e.g. a global threshold that only the confident
+        classes pass)."""
+        s = {"pl_ratio": round(float(self.stats[1] / max(1, self.stats[0])), 4)}
+        if self.stats[2]:
+            n = self.n
+            s["accuracy"] = round(float(np.trace(self.cm_lab[:, :n]) / max(1, self.cm_lab[:, :n].sum())), 4)
+            s["miou"] = round(summarize_iou(self.cm_all, source)["miou"], 2)
+            s["miou_labelled"] = round(summarize_iou(self.cm_lab, source)["miou"], 2)
+            s["images_with_ground_truth"] = int(self.stats[2])
+            cls = EVAL_CLASSES[SOURCE_EVAL_SETS[source][0]]
+            s["unlabelled_classes"] = [CLASSES[c] for c in cls
+                                       if self.cm_all[c].sum() > 0 and self.cm_all[c, c] == 0]
+        return s
+
+    def report(self, source):
+        """summary() plus per class: pseudo-label pixels, IoU (all pixels / labelled ones),
+        `labelled_share` (% of the class's ground-truth pixels that got its own label, the
+        class's recall) and the confusion."""
+        r = self.summary(source)
+        r["pseudo_pixels_per_class"] = {CLASSES[c]: int(self.per_class[c]) for c in range(self.n)}
+        if self.stats[2]:
+            r["iou"] = summarize_iou(self.cm_all, source)["iou"]
+            r["iou_labelled"] = summarize_iou(self.cm_lab, source)["iou"]
+            gt = self.cm_all.sum(1)
+            r["labelled_share"] = {CLASSES[c]: (round(100 * float(self.cm_all[c, c] / gt[c]), 2) if gt[c] else None)
+                                   for c in EVAL_CLASSES[SOURCE_EVAL_SETS[source][0]]}
+            r["confusion"] = self.cm_all.tolist()
+        return r
+
+    def log(self, source, what):
+        """The two IoU tables and the share of each class's pixels labelled, on rank 0."""
+        if not self.stats[2]:
+            return
+        log0(iou_table(self.cm_lab, source, f"per-class IoU of {what}, labelled pixels only"))
+        log0(iou_table(self.cm_all, source, f"per-class IoU of {what}, ignored pixels counted as misses"))
+        share = self.report(source)["labelled_share"]
+        log0(f"share of each class's ground-truth pixels that {what} label correctly (%): "
+             + ", ".join(f"{k} {v:.1f}" for k, v in share.items() if v is not None))
+        missing = self.summary(source)["unlabelled_classes"]
+        if missing:
+            log0(f"warning: {what} give no correct label to any pixel of: {', '.join(missing)} "
+                 f"(self-training sees no target example of these classes)")
+
+
 @torch.no_grad()
 def evaluate(model, items, label_kind, device, source, flip=False, desc="eval", rank=0, world=1,
              image_for=None):

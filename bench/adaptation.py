@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the demo's per-stage flags are the benchmark's)
+from common import (CLASSES, LabelTally, decode_label, item_name, target_ground_truth,  # noqa: E402
+                    target_train_items)
 
 
 def run(cmd, log):
@@ -50,6 +52,15 @@ def manifest(work, stage):
 
 def flags(stage, small=False):
     return dict(demo.configs(small))[stage]
+
+
+def labelled_share(data, label_dir):
+    """% of each class's target ground-truth pixels that a folder of pseudo labels labels
+    correctly (03's and 06's reports, recomputed here so that older runs are read too)."""
+    gt, t = target_ground_truth(data), LabelTally()
+    for p, _ in target_train_items(data):
+        t.add(decode_label(Path(label_dir) / item_name(p), "trainid"), gt.get(item_name(p)))
+    return t.report("gta5")["labelled_share"]
 
 
 def link_upstream(src, dst, stages):
@@ -123,6 +134,9 @@ def main(argv=None):
                "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]]}
         s3 = manifest(work, "03_maps")["summary"]
         row["pl_maps"] = {"ratio": s3.get("pl_ratio"), "accuracy": s3.get("accuracy"), "miou": s3.get("miou")}
+        # which classes the target terms of 05 (03's labels) and 06 (its teacher's) teach
+        row["share_03"] = labelled_share(data, work / "03_maps" / "labels")
+        row["share_06"] = labelled_share(data, work / "06_distill" / "round1" / "labels")
         if not a.no_ablations:
             # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
             for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")):
@@ -195,6 +209,13 @@ def main(argv=None):
             print(f"  seed {r['seed']}: MAPs ratio {100 * m['ratio']:.1f}% accuracy {100 * m['accuracy']:.1f} "
                   f"mIoU {m['miou']:.1f} | centroid ratio {100 * c['ratio']:.1f}% accuracy "
                   f"{100 * c['accuracy']:.1f} mIoU {c['miou']:.1f}")
+    print("\nShare of each class's target training pixels that the pseudo labels label correctly "
+          "(%, mean over seeds):\n  05 learns from 03's MAPs labels, 06 from its teacher's (round 1)")
+    print("  " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
+    for label, key in (("03", "share_03"), ("06", "share_06")):
+        vals = [statistics.mean(r[key][c] for r in rows) if all(r[key][c] is not None for r in rows)
+                else None for c in CLASSES]
+        print(f"{label:>2} " + " ".join("    -" if v is None else f"{v:5.1f}" for v in vals))
     print(f"\nresults: {out / 'results.json'}")
 
 

@@ -219,6 +219,7 @@ def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(di
     r = m["rounds"][0]
     assert isinstance(r["running_bn_target_miou"], float) and isinstance(r["target_miou"], float)
     teacher, _ = common.model_from_checkpoint(work / "05_selftrain" / "model.pt")
+    kept = pixels = 0
     for p, _ in targets:
         img = torch.from_numpy(common.read_image(p).copy()).permute(2, 0, 1)[None]
         prob = ds.teacher_probs(teacher, img)
@@ -226,3 +227,10 @@ def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(di
         want = np.where(conf[0].numpy() > 0.95, arg[0].numpy(), 255)
         got = np.array(Image.open(work / "06_distill" / "round1" / "labels" / common.item_name(p)))
         assert np.array_equal(got, want)
+        kept += int((want != 255).sum())
+        pixels += want.size
+    # the round reports its labels as 03 does (ratio; accuracy against the toy ground truth)
+    assert r["labels"]["pl_ratio"] == pytest.approx(kept / pixels, abs=1e-4)
+    assert r["labels"]["images_with_ground_truth"] == 2 and 0 <= r["labels"]["accuracy"] <= 1
+    report = json.loads((work / "06_distill" / "round1" / "labels_report.json").read_text())
+    assert report["pl_ratio"] == r["labels"]["pl_ratio"] and set(report["labelled_share"]) == set(common.CLASSES)

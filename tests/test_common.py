@@ -151,6 +151,36 @@ def test_iou_matches_official_cityscapes_evaluator(tmp_path):
         100 * res["averageScoreClasses"], abs=1e-9)
 
 
+def test_label_tally_hand_counts(tmp_path):
+    """03's and 06's pseudo-label report, on two 1x4 images whose counts can be checked by
+    hand: ratio over every pixel, accuracy over labelled pixels with ground truth, the
+    share of each class's ground-truth pixels labelled correctly, and the classes that
+    occur but got no correct label."""
+    gt1 = np.array([[0, 0, 13, 13]], np.uint8)       # road road car car
+    gt2 = np.array([[0, 11, 11, 255]], np.uint8)     # road person person (void)
+    for name, gt in (("a.png", gt1), ("b.png", gt2)):
+        Image.fromarray(common.trainid_to_labelid(gt)).save(tmp_path / name)
+    t = common.LabelTally()
+    assert t.add(np.array([[0, 0, 255, 0]], np.uint8), tmp_path / "a.png").tolist() == gt1.tolist()
+    t.add(np.array([[0, 255, 255, 11]], np.uint8), tmp_path / "b.png")
+    assert t.add(np.array([[1, 255]], np.uint8), None) is None    # no ground truth: ratio only
+    s = t.summary("gta5")
+    assert s["pl_ratio"] == pytest.approx(6 / 10)
+    # labelled pixels with ground truth: road->road x3, car->road, void->person (not counted)
+    assert s["accuracy"] == pytest.approx(3 / 4)
+    assert s["images_with_ground_truth"] == 2
+    assert s["unlabelled_classes"] == ["person", "car"]           # both occur, neither labelled right
+    r = t.report("gta5")
+    assert r["labelled_share"]["road"] == pytest.approx(100.0)    # 3 of 3 road pixels
+    assert r["labelled_share"]["car"] == 0.0 and r["labelled_share"]["person"] == 0.0
+    assert r["labelled_share"]["sky"] is None                      # never in the ground truth
+    assert r["pseudo_pixels_per_class"]["road"] == 4 and r["pseudo_pixels_per_class"]["person"] == 1
+    # road: TP 3, FP 1 (a car pixel), FN 0 -> 75% IoU
+    assert r["iou"]["road"] == pytest.approx(75.0)
+    with pytest.raises(common.DataError, match="ground truth is 4x1 but the image is 2x1"):
+        t.add(np.zeros((1, 2), np.uint8), tmp_path / "a.png")
+
+
 def test_iou_table_layout():
     cm = np.zeros((19, 20), np.int64)
     cm[np.arange(19), np.arange(19)] = 1
