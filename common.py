@@ -1380,9 +1380,11 @@ class Stage:
 
     begin(): removes a previous manifest (so a crash never leaves a 'complete' stage)
     and records run.json; a stage whose run.json holds the same resume key resumes
-    (per-image outputs already written are kept). Otherwise a finished run (other
-    arguments or upstream runs) is moved aside to <stage>.previous, an unfinished one is
-    cleared, and the folder starts empty.
+    (per-image outputs already written are kept; under torchrun every rank follows rank
+    0's decision). Otherwise a finished run (other arguments or upstream runs) is moved
+    aside to <stage>.previous; an unfinished one is cleared, except that one holding a
+    training checkpoint stops the stage (keep_unfinished_training) unless --resume never;
+    and the folder starts empty.
     finish(summary): writes manifest.json (complete=True) atomically, then deletes
     <stage>.previous: finished work is removed only once the run replacing it has finished."""
 
@@ -1408,32 +1410,86 @@ class Stage:
         run = self.dir / "run.json"
         key = json.loads(json.dumps(self.resume_key(), default=_json_default))
         key["upstream"] = self.upstream_ids()
-        resuming = False
+        resuming, error = False, None
         if self.rank == 0:
-            if run.exists():
-                try:
-                    resuming = json.loads(run.read_text()).get("key") == key
-                except json.JSONDecodeError:
-                    resuming = False
-            if getattr(self.args, "resume", "auto") == "never":
-                resuming = False
             try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise write_error(self.dir, e) from None
-            if not resuming:
-                self.set_aside_finished_run()
-                if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
-                    self.dir.unlink()
-                    self.dir.mkdir()
-                for p in self.dir.iterdir():
-                    remove_tree(p)
-            (self.dir / "manifest.json").unlink(missing_ok=True)
-            for p in self.dir.rglob(".tmp-*"):
-                p.unlink()
-            save_json(run, {"key": key, "started": now()})
+                resuming = self._begin_on_rank0(run, key)
+            except (StageError, WriteError) as e:
+                error = e
+        if get_world() > 1:  # every rank resumes (or stops) as rank 0 decided
+            shared = [resuming, None if error is None else str(error)]
+            dist.broadcast_object_list(shared, src=0)
+            resuming = shared[0]
+            if shared[1] is not None and error is None:
+                error = StageError(shared[1])
+        if error is not None:
+            raise error
         barrier()
         return resuming
+
+    def _begin_on_rank0(self, run, key):
+        resuming = False
+        if run.exists():
+            try:
+                resuming = json.loads(run.read_text()).get("key") == key
+            except json.JSONDecodeError:
+                resuming = False
+        if getattr(self.args, "resume", "auto") == "never":
+            resuming = False
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.dir, e) from None
+        if not resuming:
+            if getattr(self.args, "resume", "auto") == "auto":
+                self.keep_unfinished_training(run, key)
+            self.set_aside_finished_run()
+            if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
+                self.dir.unlink()
+                self.dir.mkdir()
+            for p in self.dir.iterdir():
+                remove_tree(p)
+        (self.dir / "manifest.json").unlink(missing_ok=True)
+        for p in self.dir.rglob(".tmp-*"):
+            p.unlink()
+        save_json(run, {"key": key, "started": now()})
+        return resuming
+
+    def keep_unfinished_training(self, run, key):
+        """An unfinished run that holds a training checkpoint (last.pt) is not deleted by a
+        run with other arguments or inputs: that could be days of training lost to a typo.
+        Stop instead, naming what differs; --resume never discards it on purpose. (A
+        finished run is set aside instead, set_aside_finished_run; a linked folder only
+        loses its link, never the files it points to.)"""
+        if self.dir.is_symlink():
+            return
+        try:
+            if json.loads((self.dir / "manifest.json").read_text()).get("complete"):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        checkpoints = sorted(self.dir.rglob("last.pt"))
+        if not checkpoints:
+            return
+        try:
+            old = json.loads(run.read_text()).get("key", {})
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diff = []
+        for k in sorted(set(old) | set(key)):
+            if old.get(k) == key.get(k):
+                continue
+            if k == "upstream":
+                stages = sorted(s for s in set(old.get(k) or {}) | set(key[k])
+                                if (old.get(k) or {}).get(s) != key[k].get(s))
+                diff.append(f"the runs of {', '.join(stages)} it was made from")
+            else:
+                diff.append(f"--{k.replace('_', '-')} {old.get(k)!r} (now {key.get(k)!r})")
+        raise StageError(
+            f"{self.dir} holds an unfinished run with a training checkpoint ({checkpoints[-1]}) "
+            f"and other arguments or inputs: " + ("; ".join(diff) if diff else "its run.json is unreadable")
+            + ". It is not deleted: rerun with its arguments to continue it, or add --resume never "
+              "to discard it and start this run.")
 
     def upstream_ids(self):
         return {k: v.get("run_id") for k, v in self.upstream.items()}
@@ -1709,7 +1765,10 @@ def base_parser(doc, training=False):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=4, help="data-loading processes")
     g.add_argument("--resume", default="auto", choices=["auto", "never"],
-                   help="auto: continue an interrupted run of this stage with the same arguments")
+                   help="auto: continue an interrupted run of this stage with the same arguments "
+                        "(an interrupted training run with other arguments is not deleted: the stage "
+                        "stops and says what differs); never: start afresh, discarding an "
+                        "interrupted run (a finished one is still kept until this one finishes)")
     g.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an expected error (bad input, stale stage)")
     if training:

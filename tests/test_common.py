@@ -279,6 +279,76 @@ def test_a_finished_run_is_kept_until_the_run_replacing_it_finishes(tmp_path, ca
     assert common.read_manifest(tmp_path, "02_warmup")["args"]["lr"] == 0.3
 
 
+def test_an_unfinished_training_run_is_not_deleted_by_other_arguments(tmp_path):
+    """A valid but different flag (a typo) must not delete an interrupted training: the
+    stage stops, names what differs and keeps last.pt; the same arguments resume it;
+    --resume never discards it on purpose."""
+    old = _finished_run(tmp_path, "05_selftrain", iters=90000, lr=5e-4, resume="auto")  # never finished
+    (old.dir / "last.pt").write_text("iteration 80000")
+    typo = common.Stage(Namespace(work=str(tmp_path), iters=9000, lr=5e-4, resume="auto"), "05_selftrain")
+    with pytest.raises(common.StageError, match=r"unfinished run with a training checkpoint .*last\.pt.*"
+                                                r"--iters 90000 \(now 9000\).*--resume never"):
+        typo.begin()
+    assert (old.dir / "last.pt").read_text() == "iteration 80000"
+    same = common.Stage(Namespace(work=str(tmp_path), iters=90000, lr=5e-4, resume="never"), "05_selftrain")
+    # (--resume is not part of the run's key) auto with the same arguments resumes:
+    assert common.Stage(Namespace(work=str(tmp_path), iters=90000, lr=5e-4, resume="auto"),
+                        "05_selftrain").begin() is True
+    assert (old.dir / "last.pt").exists()
+    assert same.begin() is False and not (old.dir / "last.pt").exists()   # discarded on purpose
+    # a round's checkpoint in a subfolder (06) counts too
+    (old.dir / "round1").mkdir()
+    (old.dir / "round1" / "last.pt").write_text("round 1")
+    with pytest.raises(common.StageError, match=r"round1/last\.pt"):
+        common.Stage(Namespace(work=str(tmp_path), iters=1, lr=5e-4, resume="auto"), "05_selftrain").begin()
+    # an upstream stage's new run is named as such
+    up = common.Stage(Namespace(work=str(tmp_path), iters=90000, lr=5e-4, resume="auto"), "05_selftrain")
+    up.upstream = {"03_maps": {"run_id": "another"}}
+    with pytest.raises(common.StageError, match="the runs of 03_maps it was made from"):
+        up.begin()
+
+
+BEGIN_UNDER_TORCHRUN = """
+import sys
+from argparse import Namespace
+sys.path.insert(0, {root!r})
+import common
+common.setup_distributed()
+try:
+    r = common.Stage(Namespace(work={work!r}, iters=int(sys.argv[1]), resume="auto"), "02_warmup").begin()
+    print(f"rank {{common.get_rank()}}: resuming {{r}}", flush=True)
+except common.StageError as e:
+    print(f"rank {{common.get_rank()}}: stopped: {{e}}", flush=True)
+common.cleanup_distributed()
+"""
+
+
+def test_every_rank_follows_rank_0s_resume_decision(tmp_path):
+    """Under torchrun only rank 0 reads run.json; every rank must resume (or stop) with it,
+    or the ranks would train different iteration counts."""
+    import subprocess
+    import sys
+    work = tmp_path / "work"
+    first = common.Stage(Namespace(work=str(work), iters=40, resume="auto"), "02_warmup")
+    first.begin()                                             # an interrupted run of 40 iterations
+    (first.dir / "last.pt").write_text("iteration 8")
+    script = tmp_path / "begin.py"
+    script.write_text(BEGIN_UNDER_TORCHRUN.format(root=str(common.Path(common.__file__).parent), work=str(work)))
+
+    def torchrun(iters):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", "29529", str(script), str(iters)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**common.os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return out.stdout
+    out = torchrun(40)
+    assert "rank 0: resuming True" in out and "rank 1: resuming True" in out
+    out = torchrun(400)                                       # other arguments: both ranks stop
+    assert "rank 0: stopped:" in out and "rank 1: stopped:" in out and "--iters 40 (now 400)" in out
+    assert (first.dir / "last.pt").read_text() == "iteration 8"
+
+
 def test_a_linked_stage_folder_is_set_aside_as_a_link(tmp_path):
     shared = tmp_path / "other_work"
     _finished_run(shared, "01_stylize", size=1).finish({})
