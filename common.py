@@ -1472,22 +1472,14 @@ class Stage:
         if not checkpoints:
             return
         try:
-            old = json.loads(run.read_text()).get("key", {})
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        diff = []
-        for k in sorted(set(old) | set(key)):
-            if old.get(k) == key.get(k):
-                continue
-            if k == "upstream":
-                stages = sorted(s for s in set(old.get(k) or {}) | set(key[k])
-                                if (old.get(k) or {}).get(s) != key[k].get(s))
-                diff.append(f"the runs of {', '.join(stages)} it was made from")
-            else:
-                diff.append(f"--{k.replace('_', '-')} {old.get(k)!r} (now {key.get(k)!r})")
+            old = json.loads(run.read_text()).get("key")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            old = None
+        diff = (key_changes(old, key) if isinstance(old, dict)
+                else [f"its {run.name} is missing or unreadable"])
         raise StageError(
             f"{self.dir} holds an unfinished run with a training checkpoint ({checkpoints[-1]}) "
-            f"and other arguments or inputs: " + ("; ".join(diff) if diff else "its run.json is unreadable")
+            f"and other arguments or inputs: " + ("; ".join(diff) if diff else "unknown")
             + ". It is not deleted: rerun with its arguments to continue it, or add --resume never "
               "to discard it and start this run.")
 
@@ -1541,6 +1533,21 @@ class Stage:
         save_json(self.dir / "manifest.json", m)
         remove_tree(self.previous)                 # the run it replaces, now that this one is done
         return m
+
+
+def key_changes(old, new):
+    """What differs between two run keys (run.json), as flags and upstream stages."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) == new.get(k):
+            continue
+        if k == "upstream":
+            a, b = old.get(k) or {}, new.get(k) or {}
+            out.append(f"the runs of {', '.join(sorted(s for s in set(a) | set(b) if a.get(s) != b.get(s)))} "
+                       f"it was made from")
+        else:
+            out.append(f"--{k.replace('_', '-')} {old.get(k)!r} (now {new.get(k)!r})")
+    return out
 
 
 _SET_ASIDE = None   # (stage folder, where its finished run was moved) for run_main's error note

@@ -306,6 +306,10 @@ def test_an_unfinished_training_run_is_not_deleted_by_other_arguments(tmp_path):
     up.upstream = {"03_maps": {"run_id": "another"}}
     with pytest.raises(common.StageError, match="the runs of 03_maps it was made from"):
         up.begin()
+    # without its run.json the run's arguments are unknown: still kept
+    (old.dir / "run.json").unlink()
+    with pytest.raises(common.StageError, match="its run.json is missing or unreadable"):
+        common.Stage(Namespace(work=str(tmp_path), iters=90000, lr=5e-4, resume="auto"), "05_selftrain").begin()
 
 
 BEGIN_UNDER_TORCHRUN = """
