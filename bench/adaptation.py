@@ -8,7 +8,9 @@ For every seed it runs `demo.py --seed S` (toy data generated with that seed, th
 with the demo's flags), then on the same 01-04 artifacts:
   - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
   - Table 3 / 5: 03 with --pla centroid at the same pseudo-label ratio as MAPs, and the
-    accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth.
+    accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth;
+  - which classes the target terms teach: the share of each class's target training
+    pixels that 03's labels (05's) and 06's round-1 teacher labels label correctly.
 It prints per-seed target mIoU (toy Cityscapes val) of 02, 05 (student and EMA teacher)
 and 06 (each round), the mean and the spread (sample standard deviation) over seeds,
 and the paired gains 05 - 02 and 06 - 05. 05 and 06 save batch norm statistics
