@@ -116,9 +116,7 @@ def label_report(items, label_dir, gt_for, source, out):
     """03's pseudo-label report for a round's teacher labels (ratio; against the target
     ground truth where it exists: accuracy, per-class IoU, the share of each class's pixels
     labelled, classes left without a correct label); written to `out`, summary returned."""
-    tally = common.LabelTally()
-    for p, _ in items:
-        tally.add(common.decode_label(label_dir / common.item_name(p), "trainid"), gt_for.get(common.item_name(p)))
+    tally = common.LabelTally.of_folder(items, label_dir, gt_for)
     tally.log(source, "the teacher's pseudo labels")
     common.save_json(out, tally.report(source))
     return tally.summary(source)

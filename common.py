@@ -16,7 +16,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -1236,38 +1235,48 @@ class LabelTally:
         self.cm_all, self.cm_lab = red[:k].reshape(n, n + 1), red[k:2 * k].reshape(n, n + 1)
         self.stats, self.per_class = red[2 * k:2 * k + 3], red[2 * k + 3:]
 
+    @classmethod
+    def of_folder(cls, items, label_dir, gt_for):
+        """The tally of a folder of pseudo labels (one <item name>.png per target item);
+        gt_for: {item name: ground-truth path} (target_ground_truth)."""
+        t = cls()
+        for p, _ in items:
+            t.add(decode_label(Path(label_dir) / item_name(p), "trainid"), gt_for.get(item_name(p)))
+        return t
+
     def summary(self, source):
         """pl_ratio; with ground truth also accuracy (labelled pixels), mIoU (a miss counts
         against its class), mIoU of the labelled pixels, and `unlabelled_classes`: the
         classes of the ground truth none of whose pixels got their own label (self-training
         gets no target signal for them; e.g. a global threshold that only the confident
         classes pass)."""
-        s = {"pl_ratio": round(float(self.stats[1] / max(1, self.stats[0])), 4)}
-        if self.stats[2]:
-            n = self.n
-            s["accuracy"] = round(float(np.trace(self.cm_lab[:, :n]) / max(1, self.cm_lab[:, :n].sum())), 4)
-            s["miou"] = round(summarize_iou(self.cm_all, source)["miou"], 2)
-            s["miou_labelled"] = round(summarize_iou(self.cm_lab, source)["miou"], 2)
-            s["images_with_ground_truth"] = int(self.stats[2])
-            cls = EVAL_CLASSES[SOURCE_EVAL_SETS[source][0]]
-            s["unlabelled_classes"] = [CLASSES[c] for c in cls
-                                       if self.cm_all[c].sum() > 0 and self.cm_all[c, c] == 0]
-        return s
+        return self._figures(source)[0]
 
     def report(self, source):
         """summary() plus per class: pseudo-label pixels, IoU (all pixels / labelled ones),
         `labelled_share` (% of the class's ground-truth pixels that got its own label, the
         class's recall) and the confusion."""
-        r = self.summary(source)
-        r["pseudo_pixels_per_class"] = {CLASSES[c]: int(self.per_class[c]) for c in range(self.n)}
+        s, per_class = self._figures(source)
+        return {**s, **per_class}
+
+    def _figures(self, source):
+        n = self.n
+        s = {"pl_ratio": round(float(self.stats[1] / max(1, self.stats[0])), 4)}
+        r = {"pseudo_pixels_per_class": {CLASSES[c]: int(self.per_class[c]) for c in range(n)}}
         if self.stats[2]:
-            r["iou"] = summarize_iou(self.cm_all, source)["iou"]
-            r["iou_labelled"] = summarize_iou(self.cm_lab, source)["iou"]
+            s_all, s_lab = summarize_iou(self.cm_all, source), summarize_iou(self.cm_lab, source)
+            cls = EVAL_CLASSES[SOURCE_EVAL_SETS[source][0]]
             gt = self.cm_all.sum(1)
+            s["accuracy"] = round(float(np.trace(self.cm_lab[:, :n]) / max(1, self.cm_lab[:, :n].sum())), 4)
+            s["miou"] = round(s_all["miou"], 2)
+            s["miou_labelled"] = round(s_lab["miou"], 2)
+            s["images_with_ground_truth"] = int(self.stats[2])
+            s["unlabelled_classes"] = [CLASSES[c] for c in cls if gt[c] > 0 and self.cm_all[c, c] == 0]
+            r["iou"], r["iou_labelled"] = s_all["iou"], s_lab["iou"]
             r["labelled_share"] = {CLASSES[c]: (round(100 * float(self.cm_all[c, c] / gt[c]), 2) if gt[c] else None)
-                                   for c in EVAL_CLASSES[SOURCE_EVAL_SETS[source][0]]}
+                                   for c in cls}
             r["confusion"] = self.cm_all.tolist()
-        return r
+        return s, r
 
     def log(self, source, what):
         """The two IoU tables and the share of each class's pixels labelled, on rank 0."""
@@ -1275,12 +1284,11 @@ class LabelTally:
             return
         log0(iou_table(self.cm_lab, source, f"per-class IoU of {what}, labelled pixels only"))
         log0(iou_table(self.cm_all, source, f"per-class IoU of {what}, ignored pixels counted as misses"))
-        share = self.report(source)["labelled_share"]
+        r = self.report(source)
         log0(f"share of each class's ground-truth pixels that {what} label correctly (%): "
-             + ", ".join(f"{k} {v:.1f}" for k, v in share.items() if v is not None))
-        missing = self.summary(source)["unlabelled_classes"]
-        if missing:
-            log0(f"warning: {what} give no correct label to any pixel of: {', '.join(missing)} "
+             + ", ".join(f"{k} {v:.1f}" for k, v in r["labelled_share"].items() if v is not None))
+        if r["unlabelled_classes"]:
+            log0(f"warning: {what} give no correct label to any pixel of: {', '.join(r['unlabelled_classes'])} "
                  f"(self-training sees no target example of these classes)")
 
 
@@ -1434,14 +1442,14 @@ class Stage:
                 resuming = json.loads(run.read_text()).get("key") == key
             except json.JSONDecodeError:
                 resuming = False
-        if getattr(self.args, "resume", "auto") == "never":
-            resuming = False
+        auto = getattr(self.args, "resume", "auto") == "auto"
+        resuming = resuming and auto
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(self.dir, e) from None
         if not resuming:
-            if getattr(self.args, "resume", "auto") == "auto":
+            if auto:
                 self.keep_unfinished_training(run, key)
             self.set_aside_finished_run()
             if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
@@ -1455,19 +1463,20 @@ class Stage:
         save_json(run, {"key": key, "started": now()})
         return resuming
 
+    def holds_finished_run(self):
+        try:
+            return bool(json.loads((self.dir / "manifest.json").read_text()).get("complete"))
+        except (OSError, json.JSONDecodeError):
+            return False
+
     def keep_unfinished_training(self, run, key):
         """An unfinished run that holds a training checkpoint (last.pt) is not deleted by a
         run with other arguments or inputs: that could be days of training lost to a typo.
         Stop instead, naming what differs; --resume never discards it on purpose. (A
         finished run is set aside instead, set_aside_finished_run; a linked folder only
         loses its link, never the files it points to.)"""
-        if self.dir.is_symlink():
+        if self.dir.is_symlink() or self.holds_finished_run():
             return
-        try:
-            if json.loads((self.dir / "manifest.json").read_text()).get("complete"):
-                return
-        except (OSError, json.JSONDecodeError):
-            pass
         checkpoints = sorted(self.dir.rglob("last.pt"))
         if not checkpoints:
             return
@@ -1496,11 +1505,7 @@ class Stage:
         (a stage shared with another work folder) is renamed as a link: what it points to is
         never touched. An older <stage>.previous is replaced by this newer finished run."""
         global _SET_ASIDE
-        try:
-            done = json.loads((self.dir / "manifest.json").read_text()).get("complete")
-        except (OSError, json.JSONDecodeError):
-            done = False
-        if not done:
+        if not self.holds_finished_run():
             return
         try:
             remove_tree(self.previous)

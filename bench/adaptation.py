@@ -37,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the demo's per-stage flags are the benchmark's)
-from common import (CLASSES, LabelTally, decode_label, item_name, target_ground_truth,  # noqa: E402
-                    target_train_items)
+from common import CLASSES, LabelTally, target_ground_truth, target_train_items  # noqa: E402
 
 
 def run(cmd, log):
@@ -59,10 +58,8 @@ def flags(stage, small=False):
 def labelled_share(data, label_dir):
     """% of each class's target ground-truth pixels that a folder of pseudo labels labels
     correctly (03's and 06's reports, recomputed here so that older runs are read too)."""
-    gt, t = target_ground_truth(data), LabelTally()
-    for p, _ in target_train_items(data):
-        t.add(decode_label(Path(label_dir) / item_name(p), "trainid"), gt.get(item_name(p)))
-    return t.report("gta5")["labelled_share"]
+    tally = LabelTally.of_folder(target_train_items(data), label_dir, target_ground_truth(data))
+    return tally.report("gta5")["labelled_share"]
 
 
 def link_upstream(src, dst, stages):
@@ -120,7 +117,6 @@ def main(argv=None):
         data, work = base / "data", base / "work"
         log = base / "log.txt"
         base.mkdir(parents=True, exist_ok=True)
-        common = ["--data", data, "--work", work, "--seed", seed, "--device", "cpu"]
         if not (work / "export" / "manifest.json").exists():
             run(["demo.py", "--data", data, "--work", work, "--seed", seed]
                 + (["--small"] if a.small else []), log)
