@@ -1388,8 +1388,9 @@ class Stage:
 
     begin(): removes a previous manifest (so a crash never leaves a 'complete' stage)
     and records run.json; a stage whose run.json holds the same resume key resumes
-    (per-image outputs already written are kept; under torchrun every rank follows rank
-    0's decision). Otherwise a finished run (other arguments or upstream runs) is moved
+    (per-image outputs already written are kept, and so is the run id that later stages
+    record, so that rerunning a finished stage leaves them valid; under torchrun every rank
+    follows rank 0's decision). Otherwise a finished run (other arguments or upstream runs) is moved
     aside to <stage>.previous; an unfinished one is cleared, except that one holding a
     training checkpoint stops the stage (keep_unfinished_training) unless --resume never;
     and the folder starts empty.
@@ -1402,6 +1403,7 @@ class Stage:
         self.inputs, self.upstream = [], {}
         self.t0 = time.time()
         self.rank = get_rank()
+        self.run_id = None   # set by begin() on rank 0: kept when a run is resumed
 
     def resume_key(self):
         skip = {"device", "workers", "eval_every", "log_every", "resume", "debug", "check_images"}
@@ -1436,14 +1438,22 @@ class Stage:
         return resuming
 
     def _begin_on_rank0(self, run, key):
-        resuming = False
+        resuming, run_id = False, None
         if run.exists():
             try:
-                resuming = json.loads(run.read_text()).get("key") == key
-            except json.JSONDecodeError:
+                old = json.loads(run.read_text())
+                resuming, run_id = old.get("key") == key, old.get("run_id")
+            except (json.JSONDecodeError, AttributeError):
                 resuming = False
         auto = getattr(self.args, "resume", "auto") == "auto"
         resuming = resuming and auto
+        if resuming and run_id is None:  # a run.json written before run ids were kept in it
+            run_id = self.finished_run_id()
+        # The run id names what the stage writes, which the later stages record (upstream).
+        # Resuming continues the same run, so it keeps its id: rerunning a finished stage with
+        # the same arguments (to finish the pipeline after an interruption, say) must not
+        # make every later stage stale and start again from scratch.
+        self.run_id = run_id if resuming and run_id else uuid.uuid4().hex
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -1460,14 +1470,19 @@ class Stage:
         (self.dir / "manifest.json").unlink(missing_ok=True)
         for p in self.dir.rglob(".tmp-*"):
             p.unlink()
-        save_json(run, {"key": key, "started": now()})
+        save_json(run, {"key": key, "started": now(), "run_id": self.run_id})
         return resuming
 
     def holds_finished_run(self):
+        return self.finished_run_id() is not None
+
+    def finished_run_id(self):
+        """The run id in this folder's manifest if it records a finished run, else None."""
         try:
-            return bool(json.loads((self.dir / "manifest.json").read_text()).get("complete"))
+            m = json.loads((self.dir / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
-            return False
+            return None
+        return (m.get("run_id") or "unknown") if isinstance(m, dict) and m.get("complete") else None
 
     def keep_unfinished_training(self, run, key):
         """An unfinished run that holds a training checkpoint (last.pt) is not deleted by a
@@ -1529,7 +1544,7 @@ class Stage:
     def finish(self, summary, **extra):
         if self.rank != 0:
             return None
-        m = {"stage": self.name, "complete": True, "run_id": uuid.uuid4().hex,
+        m = {"stage": self.name, "complete": True, "run_id": self.run_id or uuid.uuid4().hex,
              "args": vars(self.args), "inputs": self.inputs,
              "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
              "code_revision": code_revision(), "finished": now(),

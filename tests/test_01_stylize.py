@@ -75,4 +75,6 @@ def test_stage_deterministic_and_resumes(toy_data, tmp_path):
     mtime = keep.stat().st_mtime_ns
     run_stage("01_stylize", "--data", toy_data, "--work", w1, "--workers", "0")
     assert victim.exists() and keep.stat().st_mtime_ns == mtime
+    # the same run continued: later stages made from it stay valid
+    assert json.loads((w1 / "01_stylize" / "manifest.json").read_text())["run_id"] == m["run_id"]
     assert victim.read_bytes() == (w2 / "01_stylize" / "images" / victim.name).read_bytes()

@@ -279,6 +279,32 @@ def test_a_finished_run_is_kept_until_the_run_replacing_it_finishes(tmp_path, ca
     assert common.read_manifest(tmp_path, "02_warmup")["args"]["lr"] == 0.3
 
 
+def test_rerunning_a_finished_stage_keeps_its_run_id_and_later_stages_valid(tmp_path):
+    """Rerunning a finished stage with the same arguments (demo.py after an interruption)
+    resumes it under the same run id, so a later stage made from it still resumes instead
+    of finding its upstream changed and starting again; other arguments make a new run."""
+    first = _finished_run(tmp_path, "02_warmup", lr=0.1)
+    first_id = first.finish({"miou": 1.0})["run_id"]
+    later = common.Stage(Namespace(work=str(tmp_path), ratio=0.6), "03_maps")
+    later.use("02_warmup")
+    later.begin()
+    (later.dir / "gmm.npz").write_text("fitted")
+    later.finish({})
+    again = common.Stage(Namespace(work=str(tmp_path), lr=0.1), "02_warmup")
+    assert again.begin() is True
+    assert again.finish({"miou": 1.0})["run_id"] == first_id
+    later = common.Stage(Namespace(work=str(tmp_path), ratio=0.6), "03_maps")
+    later.use("02_warmup")
+    assert later.begin() is True and (later.dir / "gmm.npz").read_text() == "fitted"
+    # a run.json from before run ids were kept there: the finished manifest's id is kept
+    run = again.dir / "run.json"
+    common.save_json(run, {k: v for k, v in json.loads(run.read_text()).items() if k != "run_id"})
+    old_layout = common.Stage(Namespace(work=str(tmp_path), lr=0.1), "02_warmup")
+    assert old_layout.begin() is True and old_layout.finish({})["run_id"] == first_id
+    other = common.Stage(Namespace(work=str(tmp_path), lr=0.2), "02_warmup")
+    assert other.begin() is False and other.finish({})["run_id"] != first_id
+
+
 def test_an_unfinished_training_run_is_not_deleted_by_other_arguments(tmp_path):
     """A valid but different flag (a typo) must not delete an interrupted training: the
     stage stops, names what differs and keeps last.pt; the same arguments resume it;
