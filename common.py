@@ -1213,10 +1213,17 @@ class LabelTally:
         self.per_class += np.bincount(pl.ravel(), minlength=256)[:self.n]
         if gt_path is None:
             return None
-        gt = decode_label(gt_path, "cityscapes")
-        if gt.shape != pl.shape:
-            raise DataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]} but the image "
-                            f"is {pl.shape[1]}x{pl.shape[0]}")
+        # The target ground truth only feeds this report, never training: a label that
+        # cannot be used is left out of the report with a warning naming it, rather than
+        # stopping a stage that may have run for hours.
+        try:
+            gt = decode_label(gt_path, "cityscapes")
+            if gt.shape != pl.shape:
+                raise DataError(f"{gt_path}: ground truth is {gt.shape[1]}x{gt.shape[0]} but the "
+                                f"image is {pl.shape[1]}x{pl.shape[0]}")
+        except DataError as e:
+            warn(f"{e} (left out of the pseudo-label report; it is not used for training)")
+            return None
         self.stats[2] += 1
         self.cm_all += confusion(pl, gt, self.n)
         m = pl != IGNORE

@@ -177,8 +177,20 @@ def test_label_tally_hand_counts(tmp_path):
     assert r["pseudo_pixels_per_class"]["road"] == 4 and r["pseudo_pixels_per_class"]["person"] == 1
     # road: TP 3, FP 1 (a car pixel), FN 0 -> 75% IoU
     assert r["iou"]["road"] == pytest.approx(75.0)
-    with pytest.raises(common.DataError, match="ground truth is 4x1 but the image is 2x1"):
-        t.add(np.zeros((1, 2), np.uint8), tmp_path / "a.png")
+
+def test_label_tally_leaves_out_unusable_ground_truth(tmp_path, capsys):
+    """The target ground truth is report-only: a label of the wrong size or a corrupt one is
+    named in a warning and left out of the report, and the stage goes on."""
+    Image.fromarray(common.trainid_to_labelid(np.zeros((1, 4), np.uint8))).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    t = common.LabelTally()
+    assert t.add(np.zeros((1, 2), np.uint8), tmp_path / "a.png") is None
+    assert t.add(np.zeros((1, 4), np.uint8), tmp_path / "bad.png") is None
+    err = capsys.readouterr().err
+    assert "ground truth is 4x1 but the image is 2x1" in err and "bad.png" in err
+    assert err.count("left out of the pseudo-label report") == 2
+    s = t.summary("gta5")
+    assert s == {"pl_ratio": 1.0}                                  # as without ground truth
 
 
 def test_iou_table_layout():
