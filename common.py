@@ -1398,9 +1398,8 @@ class Stage:
     (per-image outputs already written are kept, and so is the run id that later stages
     record, so that rerunning a finished stage leaves them valid; under torchrun every rank
     follows rank 0's decision). Otherwise a finished run (other arguments or upstream runs) is moved
-    aside to <stage>.previous; an unfinished one is cleared, except that one holding a
-    training checkpoint stops the stage (keep_unfinished_training) unless --resume never;
-    and the folder starts empty.
+    aside to <stage>.previous; an unfinished one that has written anything stops the stage
+    (keep_unfinished_run) unless --resume never; and the folder starts empty.
     finish(summary): writes manifest.json (complete=True) atomically, then deletes
     <stage>.previous: finished work is removed only once the run replacing it has finished."""
 
@@ -1467,7 +1466,7 @@ class Stage:
             raise write_error(self.dir, e) from None
         if not resuming:
             if auto:
-                self.keep_unfinished_training(run, key)
+                self.keep_unfinished_run(run, key)
             self.set_aside_finished_run()
             if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
                 self.dir.unlink()
@@ -1491,17 +1490,24 @@ class Stage:
             return None
         return (m.get("run_id") or "unknown") if isinstance(m, dict) and m.get("complete") else None
 
-    def keep_unfinished_training(self, run, key):
-        """An unfinished run that holds a training checkpoint (last.pt) is not deleted by a
-        run with other arguments or inputs: that could be days of training lost to a typo.
-        Stop instead, naming what differs; --resume never discards it on purpose. (A
-        finished run is set aside instead, set_aside_finished_run; a linked folder only
-        loses its link, never the files it points to.)"""
+    def keep_unfinished_run(self, run, key):
+        """An unfinished run that has written anything (a training checkpoint, last.pt, or
+        per-image outputs: 01's stylized images, 03's pseudo labels, 04's maps) is not
+        deleted by a run with other arguments or inputs: that could be hours or days of
+        work lost to a typo. Stop instead, naming what differs; --resume never discards it
+        on purpose. (A finished run is set aside instead, set_aside_finished_run; a linked
+        folder only loses its link, never the files it points to.)"""
         if self.dir.is_symlink() or self.holds_finished_run():
             return
         checkpoints = sorted(self.dir.rglob("last.pt"))
-        if not checkpoints:
-            return
+        if checkpoints:
+            what = f"a training checkpoint ({checkpoints[-1]})"
+        else:
+            written = sorted(p for p in self.dir.rglob("*") if p.is_file() and p != run
+                             and not p.name.startswith(".tmp-"))
+            if not written:
+                return
+            what = f"{len(written)} file(s) written, e.g. {written[0]}"
         try:
             old = json.loads(run.read_text()).get("key")
         except (OSError, json.JSONDecodeError, AttributeError):
@@ -1509,8 +1515,8 @@ class Stage:
         diff = (key_changes(old, key) if isinstance(old, dict)
                 else [f"its {run.name} is missing or unreadable"])
         raise StageError(
-            f"{self.dir} holds an unfinished run with a training checkpoint ({checkpoints[-1]}) "
-            f"and other arguments or inputs: " + ("; ".join(diff) if diff else "unknown")
+            f"{self.dir} holds an unfinished run with {what} and other arguments or inputs: "
+            + ("; ".join(diff) if diff else "unknown")
             + ". It is not deleted: rerun with its arguments to continue it, or add --resume never "
               "to discard it and start this run.")
 
@@ -1800,7 +1806,7 @@ def base_parser(doc, training=False):
     g.add_argument("--workers", type=int, default=4, help="data-loading processes")
     g.add_argument("--resume", default="auto", choices=["auto", "never"],
                    help="auto: continue an interrupted run of this stage with the same arguments "
-                        "(an interrupted training run with other arguments is not deleted: the stage "
+                        "(an interrupted run with other arguments is not deleted: the stage "
                         "stops and says what differs); never: start afresh, discarding an "
                         "interrupted run (a finished one is still kept until this one finishes)")
     g.add_argument("--debug", action="store_true",

@@ -234,6 +234,23 @@ def test_stage_resumes_only_missing_images(maps_run, toy_data):
     assert again == summary
 
 
+def test_an_interrupted_run_is_not_cleared_by_other_arguments(maps_run, toy_data, tmp_path):
+    """Pseudo labels of an interrupted run (hours on the real Cityscapes) survive a rerun
+    whose flag differs: the stage stops and names the flag; --resume never starts over."""
+    import shutil
+    import common
+    w = tmp_path / "work"
+    shutil.copytree(maps_run[0], w)
+    (w / "03_maps" / "manifest.json").unlink()                 # killed before it finished
+    labels = sorted((w / "03_maps" / "labels").glob("*.png"))
+    with pytest.raises(common.StageError, match=r"unfinished run with \d+ file\(s\) written.*"
+                                                r"--target-ratio 0\.5 \(now 0\.4\).*--resume never"):
+        run_maps(w, toy_data, "--target-ratio", "0.4")
+    assert all(p.exists() for p in labels)
+    run_maps(w, toy_data, "--target-ratio", "0.4", "--resume", "never")
+    assert common.read_manifest(w, "03_maps")["args"]["target_ratio"] == 0.4
+
+
 @pytest.mark.parametrize("pla", ["centroid", "confidence"])
 def test_baselines_write_the_same_artifacts(pla, warmup_work, toy_data, tmp_path, maps_run):
     import shutil

@@ -279,11 +279,16 @@ def test_a_finished_run_is_kept_until_the_run_replacing_it_finishes(tmp_path, ca
     assert sorted(p.name for p in new.dir.iterdir()) == ["run.json"]
     assert (prev / "model.pt").read_text() == "trained with {'lr': 0.1}"
     assert json.loads((prev / "manifest.json").read_text())["complete"]
-    # the new run fails; a third one (other arguments again) still keeps the finished run
+    # the new run fails after writing a file; a third one (other arguments again) stops
+    # rather than delete it, and with --resume never clears it, still keeping the finished run
     (new.dir / "model.pt").write_text("half trained")
-    third = common.Stage(Namespace(work=str(tmp_path), lr=0.3), "02_warmup")
+    with pytest.raises(common.StageError, match=r"unfinished run with 1 file\(s\) written, e\.g\. "
+                                                r".*model\.pt.*--lr 0\.2 \(now 0\.3\).*--resume never"):
+        common.Stage(Namespace(work=str(tmp_path), lr=0.3, resume="auto"), "02_warmup").begin()
+    assert (new.dir / "model.pt").read_text() == "half trained"
+    third = common.Stage(Namespace(work=str(tmp_path), lr=0.3, resume="never"), "02_warmup")
     third.begin()
-    assert not (third.dir / "model.pt").exists()             # an unfinished run is cleared
+    assert not (third.dir / "model.pt").exists()             # discarded on purpose
     assert (prev / "model.pt").read_text() == "trained with {'lr': 0.1}"
     (third.dir / "model.pt").write_text("trained with lr 0.3")
     third.finish({"miou": 2.0})
@@ -315,6 +320,17 @@ def test_rerunning_a_finished_stage_keeps_its_run_id_and_later_stages_valid(tmp_
     assert old_layout.begin() is True and old_layout.finish({})["run_id"] == first_id
     other = common.Stage(Namespace(work=str(tmp_path), lr=0.2), "02_warmup")
     assert other.begin() is False and other.finish({})["run_id"] != first_id
+
+
+def test_an_unfinished_run_that_wrote_nothing_is_cleared(tmp_path):
+    """A run stopped before it wrote anything but run.json (or only a temporary file) holds
+    nothing to lose: other arguments simply start afresh."""
+    st = common.Stage(Namespace(work=str(tmp_path), ratio=0.6), "03_maps")
+    st.begin()
+    (st.dir / "labels").mkdir()
+    (st.dir / "labels" / ".tmp-1234-a.png").write_text("half")
+    assert common.Stage(Namespace(work=str(tmp_path), ratio=0.5), "03_maps").begin() is False
+    assert sorted(p.name for p in st.dir.iterdir()) == ["run.json"]
 
 
 def test_an_unfinished_training_run_is_not_deleted_by_other_arguments(tmp_path):
