@@ -1409,7 +1409,7 @@ class Stage:
         self.inputs, self.upstream = [], {}
         self.t0 = time.time()
         self.rank = get_rank()
-        self.run_id = None   # set by begin() on rank 0: kept when a run is resumed
+        self.run_id = None   # set by begin() on rank 0 (finish() is rank 0's): kept on resume
 
     def resume_key(self):
         skip = {"device", "workers", "eval_every", "log_every", "resume", "debug", "check_images"}
@@ -1444,17 +1444,16 @@ class Stage:
         return resuming
 
     def _begin_on_rank0(self, run, key):
-        resuming, run_id = False, None
-        if run.exists():
-            try:
-                old = json.loads(run.read_text())
-                resuming, run_id = old.get("key") == key, old.get("run_id")
-            except (json.JSONDecodeError, AttributeError):
-                resuming = False
+        try:
+            old = json.loads(run.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        old = old if isinstance(old, dict) else {}
+        old_key, run_id = old.get("key"), old.get("run_id")
         auto = getattr(self.args, "resume", "auto") == "auto"
-        resuming = resuming and auto
+        resuming = auto and old_key == key
         if resuming and run_id is None:  # a run.json written before run ids were kept in it
-            run_id = self.finished_run_id()
+            run_id = (self.finished_manifest() or {}).get("run_id")
         # The run id names what the stage writes, which the later stages record (upstream).
         # Resuming continues the same run, so it keeps its id: rerunning a finished stage with
         # the same arguments (to finish the pipeline after an interruption, say) must not
@@ -1466,7 +1465,7 @@ class Stage:
             raise write_error(self.dir, e) from None
         if not resuming:
             if auto:
-                self.keep_unfinished_run(run, key)
+                self.keep_unfinished_run(run, old_key, key)
             self.set_aside_finished_run()
             if self.dir.is_symlink():  # an unfinished run in a shared folder: drop the link only
                 self.dir.unlink()
@@ -1480,17 +1479,17 @@ class Stage:
         return resuming
 
     def holds_finished_run(self):
-        return self.finished_run_id() is not None
+        return self.finished_manifest() is not None
 
-    def finished_run_id(self):
-        """The run id in this folder's manifest if it records a finished run, else None."""
+    def finished_manifest(self):
+        """This folder's manifest if it records a finished run, else None."""
         try:
             m = json.loads((self.dir / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        return (m.get("run_id") or "unknown") if isinstance(m, dict) and m.get("complete") else None
+        return m if isinstance(m, dict) and m.get("complete") else None
 
-    def keep_unfinished_run(self, run, key):
+    def keep_unfinished_run(self, run, old_key, key):
         """An unfinished run that has written anything (a training checkpoint, last.pt, or
         per-image outputs: 01's stylized images, 03's pseudo labels, 04's maps) is not
         deleted by a run with other arguments or inputs: that could be hours or days of
@@ -1499,20 +1498,14 @@ class Stage:
         folder only loses its link, never the files it points to.)"""
         if self.dir.is_symlink() or self.holds_finished_run():
             return
-        checkpoints = sorted(self.dir.rglob("last.pt"))
-        if checkpoints:
-            what = f"a training checkpoint ({checkpoints[-1]})"
-        else:
-            written = sorted(p for p in self.dir.rglob("*") if p.is_file() and p != run
-                             and not p.name.startswith(".tmp-"))
-            if not written:
-                return
-            what = f"{len(written)} file(s) written, e.g. {written[0]}"
-        try:
-            old = json.loads(run.read_text()).get("key")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            old = None
-        diff = (key_changes(old, key) if isinstance(old, dict)
+        written = sorted(p for p in self.dir.rglob("*") if p.is_file() and p != run
+                         and not p.name.startswith(".tmp-"))
+        if not written:
+            return
+        checkpoints = [p for p in written if p.name == "last.pt"]
+        what = (f"a training checkpoint ({checkpoints[-1]})" if checkpoints
+                else f"{len(written)} file(s) written, e.g. {written[0]}")
+        diff = (key_changes(old_key, key) if isinstance(old_key, dict)
                 else [f"its {run.name} is missing or unreadable"])
         raise StageError(
             f"{self.dir} holds an unfinished run with {what} and other arguments or inputs: "
@@ -1557,7 +1550,7 @@ class Stage:
     def finish(self, summary, **extra):
         if self.rank != 0:
             return None
-        m = {"stage": self.name, "complete": True, "run_id": self.run_id or uuid.uuid4().hex,
+        m = {"stage": self.name, "complete": True, "run_id": self.run_id,
              "args": vars(self.args), "inputs": self.inputs,
              "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
              "code_revision": code_revision(), "finished": now(),
