@@ -61,7 +61,7 @@ def configs(small):
       in the demo (CPU time); the small configuration runs two, to exercise the hand-over
       from one round's student to the next round's teacher.
     The whole demo takes about 15 minutes on a quiet 2-core CPU."""
-    n = {"warm": 600, "self": 200, "dist": 200, "rounds": 1, "ratio": 0.6} if not small else \
+    n = {"warm": 1800, "self": 200, "dist": 200, "rounds": 1, "ratio": 0.6} if not small else \
         {"warm": 60, "self": 30, "dist": 20, "rounds": 2, "ratio": 0.6}
     crop = ["--crop", "128", "64"] if not small else ["--crop", "64", "32"]
     train = ["--workers", "0", "--log-every", "50" if not small else "10", *crop]
