@@ -7,6 +7,8 @@ the paper's ablations on the same seeds.
 For every seed it runs `demo.py --seed S` (toy data generated with that seed, then 01 ... 06
 with the demo's flags), then on the same 01-04 artifacts:
   - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
+  - the ceiling of 05's target term: 05 trained on the target ground truth in place of
+    03's pseudo labels ("05 GT"; same flags and upstream);
   - Table 3 / 5: 03 with --pla centroid at the same pseudo-label ratio as MAPs, and the
     accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth;
   - which classes the target terms teach: the share of each class's target training
@@ -69,6 +71,27 @@ def link_upstream(src, dst, stages):
         link = dst / s
         if not link.exists():
             link.symlink_to((src / s).resolve(), target_is_directory=True)
+
+
+def ground_truth_as_labels(src, dst, data):
+    """dst: a copy of 03's folder `src` whose pseudo labels are replaced by the target
+    ground truth (every labelled pixel, not only the share 03 keeps). 05 trained on it
+    (same flags, same 01, 02, 04) is the ceiling of 05's target term: what its losses and
+    schedule gain from perfect labels. Bench only; the stages never read target labels."""
+    import shutil
+    import common
+    done = dst / "ground_truth_labels.txt"
+    if done.exists():
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    gt = common.target_ground_truth(data)
+    for f in sorted((dst / "labels").iterdir()):
+        if f.name not in gt:
+            raise SystemExit(f"no target ground truth for {f.name} in {data}: the ceiling needs it")
+        common.save_png(f, common.decode_label(gt[f.name], "cityscapes"), palette=True)
+    done.write_text(f"labels/ hold the target ground truth of {data}, not 03's pseudo labels\n")
 
 
 def with_flag(args, name, value):
@@ -143,6 +166,13 @@ def main(argv=None):
                 run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
                      *flags("05_selftrain", a.small), flag], log)
                 row[f"05_{name}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
+            # ---- the ceiling of 05's target term: 05 on the target ground truth ----
+            w = base / "work_gt_labels"
+            link_upstream(work, w, ("01_stylize", "02_warmup", "04_stm"))
+            ground_truth_as_labels(work / "03_maps", w / "03_maps", data)
+            run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
+                 *flags("05_selftrain", a.small)], log)
+            row["05_gt_labels"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
             # ---- Table 3 / 5: centroid pseudo labels at the MAPs ratio ----
             w = base / "work_centroid"
             link_upstream(work, w, ("01_stylize", "02_warmup"))
@@ -162,7 +192,7 @@ def main(argv=None):
     head = ["seed", "02", "02 tBN", "05", "05 rBN", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)],
             "05-02", "05-02bn", "06-05"]
     if not a.no_ablations:
-        head += ["noSTM", "noCons"]
+        head += ["noSTM", "noCons", "05 GT"]
     print("\n" + "=" * 78)
     print(f"BiSMAP toy adaptation over seeds {a.seeds} (target: toy Cityscapes val, mIoU %), "
           f"{time.time() - t0:.0f} s")
@@ -173,7 +203,7 @@ def main(argv=None):
         vals = [r["02"], r["02_target_bn"], r["05"], r["05_running_bn"], r["05_teacher"], *r["06"],
                 r["05"] - r["02"], r["05"] - r["02_target_bn"], r["06"][-1] - r["05"]]
         if not a.no_ablations:
-            vals += [r["05_no_stm"], r["05_no_consistency"]]
+            vals += [r["05_no_stm"], r["05_no_consistency"], r.get("05_gt_labels")]
         for h, v in zip(head[1:], vals):
             cols[h].append(v)
         print(f"{r['seed']:>7} " + " ".join(f"{fmt(v):>7}" for v in vals))
@@ -199,6 +229,7 @@ def main(argv=None):
         for label, h in (("02 warm-up (GPA baseline)", "02"),
                          ("02, statistics re-estimated on target (AdaBN)", "02 tBN"), ("05 without STM", "noSTM"),
                          ("05 without consistency", "noCons"), ("05 full (STM + MAPs + consistency)", "05"),
+                         ("05 on the target ground truth (ceiling)", "05 GT"),
                          (f"06 distillation (round {n6})", f"06 r{n6}")):
             print(f"  {label:<38} {ms[h][0]:5.1f} +- {ms[h][1]:.1f}")
         print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %):")

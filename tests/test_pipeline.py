@@ -152,3 +152,29 @@ def test_edge_mask_marks_pixels_near_another_class():
     e2 = edge_mask(gt, 2)
     assert e2[:, 2:6].all() and not e2[:, :2].any() and not e2[:, 6].any()
     assert not edge_mask(gt, 0).any()
+
+
+def test_ground_truth_ceiling_copies_03_with_the_target_ground_truth(pipeline, tmp_path):
+    """bench/adaptation.py's '05 GT' row trains on a copy of 03 whose labels are the target
+    ground truth: every label file equals its decoded gtFine file, 03's own labels are
+    untouched, and a second call leaves a finished copy as it is."""
+    d, _ = pipeline
+    sys.path.insert(0, str(ROOT / "bench"))
+    from adaptation import ground_truth_as_labels
+    src, dst = d / "work" / "03_maps", tmp_path / "03_maps"
+    before = {f.name: f.read_bytes() for f in (src / "labels").iterdir()}
+    ground_truth_as_labels(src, dst, d / "data")
+    gt = common.target_ground_truth(d / "data")
+    names = sorted(f.name for f in (dst / "labels").iterdir())
+    assert names == sorted(before) and len(names) > 0
+    changed = 0
+    for n in names:
+        want = common.decode_label(gt[n], "cityscapes")
+        got = common.decode_label(dst / "labels" / n, "trainid")
+        assert np.array_equal(got, want), n
+        changed += not np.array_equal(got, common.decode_label(src / "labels" / n, "trainid"))
+    assert changed > 0                                   # the pseudo labels were not the truth
+    assert {f.name: f.read_bytes() for f in (src / "labels").iterdir()} == before
+    (dst / "labels" / names[0]).write_bytes(b"kept")
+    ground_truth_as_labels(src, dst, d / "data")         # finished: not redone
+    assert (dst / "labels" / names[0]).read_bytes() == b"kept"
