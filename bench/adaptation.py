@@ -9,8 +9,12 @@ with the demo's flags), then on the same 01-04 artifacts:
   - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
   - the ceiling of 05's target term: 05 trained on the target ground truth in place of
     03's pseudo labels ("05 GT"; same flags and upstream);
-  - Table 3 / 5: 03 with --pla centroid at the same pseudo-label ratio as MAPs, and the
-    accuracy and mIoU of both sets of pseudo labels against the (toy) target ground truth;
+  - where 05 loses: 05 on the ground truth restricted to the pixels 03 labels (03's
+    coverage without its label errors), and on 02's own argmax on those pixels (the same
+    pixels and network, the classifier's labels instead of the MAPs assignment);
+  - Table 3 / 5: 03 with --pla centroid (CAs-PLA) and --pla confidence (IAS-like) at the
+    same pseudo-label ratio as MAPs, the accuracy and mIoU of each set of pseudo labels
+    against the (toy) target ground truth, and 05 trained on each (Table 3's measure);
   - which classes the target terms teach: the share of each class's target training
     pixels that 03's labels (05's) and 06's round-1 teacher labels label correctly.
 It prints per-seed target mIoU (toy Cityscapes val) of 02, 05 (student and EMA teacher)
@@ -35,6 +39,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -73,25 +79,62 @@ def link_upstream(src, dst, stages):
             link.symlink_to((src / s).resolve(), target_is_directory=True)
 
 
-def ground_truth_as_labels(src, dst, data):
-    """dst: a copy of 03's folder `src` whose pseudo labels are replaced by the target
-    ground truth (every labelled pixel, not only the share 03 keeps). 05 trained on it
-    (same flags, same 01, 02, 04) is the ceiling of 05's target term: what its losses and
-    schedule gain from perfect labels. Bench only; the stages never read target labels."""
+def replace_labels(src, dst, make, marker, note):
+    """dst: a copy of 03's folder `src` whose label files hold make(name, pseudo) instead
+    (pseudo: 03's label, 255 = unlabelled). 05 trained on it with the same flags and
+    upstream isolates what the labels do. 03's own files are never touched; a marker file
+    makes a finished copy final (a rerun reuses it). Bench only: the stages never read
+    target labels."""
     import shutil
     import common
-    done = dst / "ground_truth_labels.txt"
+    done = dst / marker
     if done.exists():
         return
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, symlinks=True)
-    gt = common.target_ground_truth(data)
     for f in sorted((dst / "labels").iterdir()):
-        if f.name not in gt:
-            raise SystemExit(f"no target ground truth for {f.name} in {data}: the ceiling needs it")
-        common.save_png(f, common.decode_label(gt[f.name], "cityscapes"), palette=True)
-    done.write_text(f"labels/ hold the target ground truth of {data}, not 03's pseudo labels\n")
+        common.save_png(f, make(f.name, common.decode_label(f, "trainid")), palette=True)
+    done.write_text(note)
+
+
+def ground_truth_as_labels(src, dst, data, on_mask=False):
+    """The target ground truth as 05's labels: every labelled pixel ("05 GT", the ceiling
+    of 05's target term), or with on_mask only the pixels 03 labels ("GT@03": 03's
+    coverage with no label error, the cost of the errors alone)."""
+    import common
+    gt = common.target_ground_truth(data)
+
+    def make(name, pseudo):
+        if name not in gt:
+            raise SystemExit(f"no target ground truth for {name} in {data}: the row needs it")
+        y = common.decode_label(gt[name], "cityscapes")
+        return np.where(pseudo == common.IGNORE, common.IGNORE, y).astype(np.uint8) if on_mask else y
+    what = "on the pixels 03 labels" if on_mask else "on every labelled pixel"
+    replace_labels(src, dst, make, "ground_truth_on_mask.txt" if on_mask else "ground_truth_labels.txt",
+                   f"labels/ hold the target ground truth of {data} {what}, not 03's pseudo labels\n")
+
+
+def warmup_argmax_as_labels(src, dst, data, work):
+    """02's own prediction (argmax of its classifier) on the pixels 03 labels ("02@03"):
+    the same pixels and the same network as 03's MAPs labels, with batch norm statistics
+    as 03 computed its features (03's --bn-images on the target training images; 0: the
+    running ones). Tells whether 03's assignment adds to, or takes from, what the
+    warm-up's classifier already says there."""
+    import torch
+    import common
+    n = manifest(work, "03_maps")["args"]["bn_images"]
+    model, _ = common.model_from_checkpoint(Path(work) / "02_warmup" / "model.pt", "cpu")
+    if n > 0:
+        common.recompute_bn_statistics(model, common.bn_images(common.target_train_items(data), n), "cpu")
+    images = {common.item_name(i[0]): i[0] for i in common.target_train_items(data)}
+
+    def make(name, pseudo):
+        img = torch.from_numpy(common.read_image(images[name]).copy()).permute(2, 0, 1)[None]
+        pred = common.predict_logits(model, img)[0].argmax(0).numpy().astype(np.uint8)
+        return np.where(pseudo == common.IGNORE, common.IGNORE, pred).astype(np.uint8)
+    replace_labels(src, dst, make, "warmup_argmax_on_mask.txt",
+                   "labels/ hold 02's argmax on the pixels 03 labels, not 03's pseudo labels\n")
 
 
 def with_flag(args, name, value):
@@ -173,15 +216,33 @@ def main(argv=None):
             run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
                  *flags("05_selftrain", a.small)], log)
             row["05_gt_labels"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
-            # ---- Table 3 / 5: centroid pseudo labels at the MAPs ratio ----
-            w = base / "work_centroid"
-            link_upstream(work, w, ("01_stylize", "02_warmup"))
-            f3 = with_flag(flags("03_maps", a.small), "--target-ratio", round(s3["pl_ratio"], 4))
-            run(["03_maps.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu", *f3,
-                 "--pla", "centroid"], log)
-            c3 = manifest(w, "03_maps")["summary"]
-            row["pl_centroid"] = {"ratio": c3.get("pl_ratio"), "accuracy": c3.get("accuracy"),
-                                  "miou": c3.get("miou")}
+            # ---- where 05 loses: 03's pixels with error-free labels, with 02's own labels ----
+            for name, make in (("gt_on_mask", lambda d: ground_truth_as_labels(work / "03_maps", d, data, True)),
+                               ("warmup_on_mask", lambda d: warmup_argmax_as_labels(work / "03_maps", d, data, work))):
+                w = base / f"work_{name}"
+                link_upstream(work, w, ("01_stylize", "02_warmup", "04_stm"))
+                make(w / "03_maps")
+                run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
+                     *flags("05_selftrain", a.small)], log)
+                row[f"05_{name}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
+            row["pl_warmup_on_mask"] = LabelTally.of_folder(
+                target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
+                target_ground_truth(data)).report("gta5")["accuracy"]
+            # ---- Table 3 / 5: centroid (CAs-PLA) and confidence (IAS-like) pseudo labels at
+            # the MAPs ratio, then 04 and 05 on them as on MAPs' (Table 3 is 05's mIoU) ----
+            for pla in ("centroid", "confidence"):
+                w = base / f"work_{pla}"
+                link_upstream(work, w, ("01_stylize", "02_warmup"))
+                f3 = with_flag(flags("03_maps", a.small), "--target-ratio", round(s3["pl_ratio"], 4))
+                run(["03_maps.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu", *f3,
+                     "--pla", pla], log)
+                c3 = manifest(w, "03_maps")["summary"]
+                row[f"pl_{pla}"] = {"ratio": c3.get("pl_ratio"), "accuracy": c3.get("accuracy"),
+                                    "miou": c3.get("miou")}
+                for stage in ("04_stm", "05_selftrain"):
+                    run([f"{stage}.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
+                         *flags(stage, a.small)], log)
+                row[f"05_{pla}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
         rows.append(row)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
 
@@ -232,12 +293,31 @@ def main(argv=None):
                          ("05 on the target ground truth (ceiling)", "05 GT"),
                          (f"06 distillation (round {n6})", f"06 r{n6}")):
             print(f"  {label:<38} {ms[h][0]:5.1f} +- {ms[h][1]:.1f}")
-        print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %):")
+        print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %) "
+              "and 05 trained on them (target mIoU %):")
         for r in rows:
-            m, c = r["pl_maps"], r["pl_centroid"]
-            print(f"  seed {r['seed']}: MAPs ratio {100 * m['ratio']:.1f}% accuracy {100 * m['accuracy']:.1f} "
-                  f"mIoU {m['miou']:.1f} | centroid ratio {100 * c['ratio']:.1f}% accuracy "
-                  f"{100 * c['accuracy']:.1f} mIoU {c['miou']:.1f}")
+            print(f"  seed {r['seed']}: " + " | ".join(
+                f"{name} {100 * r[k]['ratio']:.1f}% acc {100 * r[k]['accuracy']:.1f} mIoU {r[k]['miou']:.1f}"
+                f" -> 05 {fmt(r[k5]).strip()}" for name, k, k5 in
+                (("MAPs", "pl_maps", "05"), ("CAs", "pl_centroid", "05_centroid"),
+                 ("IAS", "pl_confidence", "05_confidence"))))
+        for name, k5 in (("MAPs", "05"), ("CAs", "05_centroid"), ("IAS", "05_confidence")):
+            m, sd = mean_sd([r.get(k5) for r in rows])
+            print(f"  05 on {name:<4} labels: {m:5.1f} +- {sd:.1f}")
+        print("\nWhere 05 loses (same seeds, flags and upstream; only 05's target labels differ; "
+              "mean +- spread, and paired with 05 on 03's MAPs labels):")
+        for label, k in (("03's MAPs labels (05 as shipped)", "05"),
+                         ("02's own argmax on 03's pixels", "05_warmup_on_mask"),
+                         ("ground truth on 03's pixels", "05_gt_on_mask"),
+                         ("ground truth on every pixel (05 GT)", "05_gt_labels")):
+            m, sd = mean_sd([r.get(k) for r in rows])
+            dm, dsd = mean_sd([None if r.get(k) is None else r[k] - r["05"] for r in rows])
+            print(f"  {label:<38} {m:5.1f} +- {sd:.1f}   {dm:+5.1f} +- {dsd:.1f}")
+        accs = [(100 * r["pl_maps"]["accuracy"], 100 * r["pl_warmup_on_mask"]) for r in rows
+                if r.get("pl_warmup_on_mask") is not None]
+        if accs:
+            print("  label accuracy on 03's pixels, MAPs vs 02's argmax: "
+                  + ", ".join(f"{x:.1f} vs {y:.1f}" for x, y in accs))
     print("\nShare of each class's target training pixels that the pseudo labels label correctly "
           "(%, mean over seeds):\n  05 learns from 03's MAPs labels, 06 from its teacher's (round 1)")
     print("  " + " ".join(f"{c[:5]:>5}" for c in CLASSES))

@@ -178,3 +178,40 @@ def test_ground_truth_ceiling_copies_03_with_the_target_ground_truth(pipeline, t
     (dst / "labels" / names[0]).write_bytes(b"kept")
     ground_truth_as_labels(src, dst, d / "data")         # finished: not redone
     assert (dst / "labels" / names[0]).read_bytes() == b"kept"
+
+
+def test_label_rows_keep_03s_pixels_with_the_truth_or_02s_argmax(pipeline, tmp_path):
+    """bench/adaptation.py's 'where 05 loses' rows: copies of 03 that keep exactly 03's
+    labelled pixels, holding there the target ground truth (GT@03) or the warm-up's own
+    prediction (02@03, computed with the batch norm statistics 03 used)."""
+    d, _ = pipeline
+    sys.path.insert(0, str(ROOT / "bench"))
+    from adaptation import ground_truth_as_labels, warmup_argmax_as_labels
+    work, src = d / "work", d / "work" / "03_maps"
+    before = {f.name: f.read_bytes() for f in (src / "labels").iterdir()}
+    ground_truth_as_labels(src, tmp_path / "gt" / "03_maps", d / "data", on_mask=True)
+    warmup_argmax_as_labels(src, tmp_path / "arg" / "03_maps", d / "data", work)
+    gt = common.target_ground_truth(d / "data")
+    model, _ = common.model_from_checkpoint(work / "02_warmup" / "model.pt")
+    n = json.loads((src / "manifest.json").read_text())["args"]["bn_images"]
+    items = common.target_train_items(d / "data")
+    if n:
+        common.recompute_bn_statistics(model, common.bn_images(items, n), "cpu")
+    images = {common.item_name(i[0]): i[0] for i in items}
+    differs = 0
+    for name in sorted(before):
+        pseudo = common.decode_label(src / "labels" / name, "trainid")
+        keep = pseudo != common.IGNORE
+        assert 0 < keep.sum() < keep.size, name               # 03 labels some pixels, not all
+        truth = common.decode_label(gt[name], "cityscapes")
+        got = common.decode_label(tmp_path / "gt" / "03_maps" / "labels" / name, "trainid")
+        assert np.array_equal(got[keep], truth[keep]) and (got[~keep] == common.IGNORE).all(), name
+        img = torch.from_numpy(common.read_image(images[name]).copy()).permute(2, 0, 1)[None]
+        pred = common.predict_logits(model, img)[0].argmax(0).numpy()
+        got = common.decode_label(tmp_path / "arg" / "03_maps" / "labels" / name, "trainid")
+        assert np.array_equal(got[keep], pred[keep]) and (got[~keep] == common.IGNORE).all(), name
+        differs += not np.array_equal(got, pseudo)
+    assert differs > 0                                    # MAPs' assignment is not the argmax
+    assert {f.name: f.read_bytes() for f in (src / "labels").iterdir()} == before
+    for k, marker in (("gt", "ground_truth_on_mask.txt"), ("arg", "warmup_argmax_on_mask.txt")):
+        assert (tmp_path / k / "03_maps" / marker).exists()
