@@ -131,7 +131,7 @@ def warmup_argmax_as_labels(src, dst, data, work):
 
     def make(name, pseudo):
         img = torch.from_numpy(common.read_image(images[name]).copy()).permute(2, 0, 1)[None]
-        pred = common.predict_logits(model, img)[0].argmax(0).numpy().astype(np.uint8)
+        pred = common.predict_logits(model, img)[0].argmax(0).numpy()
         return np.where(pseudo == common.IGNORE, common.IGNORE, pred).astype(np.uint8)
     replace_labels(src, dst, make, "warmup_argmax_on_mask.txt",
                    "labels/ hold 02's argmax on the pixels 03 labels, not 03's pseudo labels\n")
@@ -202,29 +202,30 @@ def main(argv=None):
         row["share_03"] = labelled_share(data, work / "03_maps" / "labels")
         row["share_06"] = labelled_share(data, work / "06_distill" / "round1" / "labels")
         if not a.no_ablations:
+            def stage(name, w, *extra, args=None):
+                """Run one stage in work folder w with `args` (default: the demo's flags) and
+                `extra`; returns its manifest summary."""
+                args = flags(name, a.small) if args is None else args
+                run([f"{name}.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
+                     *args, *extra], log)
+                return manifest(w, name)["summary"]
+
             # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
             for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")):
                 w = base / f"work_{name}"
                 link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
-                run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
-                     *flags("05_selftrain", a.small), flag], log)
-                row[f"05_{name}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
-            # ---- the ceiling of 05's target term: 05 on the target ground truth ----
-            w = base / "work_gt_labels"
-            link_upstream(work, w, ("01_stylize", "02_warmup", "04_stm"))
-            ground_truth_as_labels(work / "03_maps", w / "03_maps", data)
-            run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
-                 *flags("05_selftrain", a.small)], log)
-            row["05_gt_labels"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
-            # ---- where 05 loses: 03's pixels with error-free labels, with 02's own labels ----
-            for name, make in (("gt_on_mask", lambda d: ground_truth_as_labels(work / "03_maps", d, data, True)),
-                               ("warmup_on_mask", lambda d: warmup_argmax_as_labels(work / "03_maps", d, data, work))):
+                row[f"05_{name}"] = stage("05_selftrain", w, flag)["target_miou"]
+            # ---- 05 on other target labels (same 01, 02, 04): the ground truth on every
+            # pixel (the ceiling of 05's target term), the ground truth on 03's pixels only
+            # (no label error), 02's own argmax on 03's pixels (where 05 loses) ----
+            src = work / "03_maps"
+            for name, make in (("gt_labels", lambda d: ground_truth_as_labels(src, d, data)),
+                               ("gt_on_mask", lambda d: ground_truth_as_labels(src, d, data, True)),
+                               ("warmup_on_mask", lambda d: warmup_argmax_as_labels(src, d, data, work))):
                 w = base / f"work_{name}"
                 link_upstream(work, w, ("01_stylize", "02_warmup", "04_stm"))
                 make(w / "03_maps")
-                run(["05_selftrain.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
-                     *flags("05_selftrain", a.small)], log)
-                row[f"05_{name}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
+                row[f"05_{name}"] = stage("05_selftrain", w)["target_miou"]
             row["pl_warmup_on_mask"] = LabelTally.of_folder(
                 target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
                 target_ground_truth(data)).report("gta5")["accuracy"]
@@ -234,15 +235,11 @@ def main(argv=None):
                 w = base / f"work_{pla}"
                 link_upstream(work, w, ("01_stylize", "02_warmup"))
                 f3 = with_flag(flags("03_maps", a.small), "--target-ratio", round(s3["pl_ratio"], 4))
-                run(["03_maps.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu", *f3,
-                     "--pla", pla], log)
-                c3 = manifest(w, "03_maps")["summary"]
+                c3 = stage("03_maps", w, "--pla", pla, args=f3)
                 row[f"pl_{pla}"] = {"ratio": c3.get("pl_ratio"), "accuracy": c3.get("accuracy"),
                                     "miou": c3.get("miou")}
-                for stage in ("04_stm", "05_selftrain"):
-                    run([f"{stage}.py", "--data", data, "--work", w, "--seed", seed, "--device", "cpu",
-                         *flags(stage, a.small)], log)
-                row[f"05_{pla}"] = manifest(w, "05_selftrain")["summary"]["target_miou"]
+                stage("04_stm", w)
+                row[f"05_{pla}"] = stage("05_selftrain", w)["target_miou"]
         rows.append(row)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
 
