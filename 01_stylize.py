@@ -154,7 +154,7 @@ def main(argv=None):
                    help="weight of (gamma-1)^2 in the lightness fit (GPA's setting: 0.01)")
     p.add_argument("--previews", type=int, default=4, help="side-by-side previews to write")
     args = p.parse_args(argv)
-    rank, world = common.setup_distributed()
+    rank, world = common.setup_distributed(args.device)
     stage = common.Stage(args, "01_stylize")
     sources = common.source_items(args.data, args.source, check_sizes=False)
     targets = common.target_train_items(args.data)

@@ -682,7 +682,7 @@ def domain_statistics(model, src_items, image_for, targets, n, device):
 # ============================================================================
 def main(argv=None):
     args = parse_args(argv)
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(args.device)
     seed_everything(args.seed)
     device = pick_device(args.device)
     stage = Stage(args, "03_maps")

@@ -645,7 +645,7 @@ def main(argv=None):
     g.add_argument("--previews", type=int, default=6, help="heat-map previews to write")
     args = p.parse_args(argv)
 
-    rank, world = common.setup_distributed()
+    rank, world = common.setup_distributed(args.device)
     device = common.pick_device(args.device)
     common.seed_everything(args.seed)
     stage = common.Stage(args, "04_stm")

@@ -1591,7 +1591,7 @@ def remove_tree(path):
 def start(args, name):
     """The opening of a training stage: join torchrun if it launched us, pick the device,
     seed (per rank) and open the stage folder. Returns (stage, device, rank, world)."""
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(args.device)
     device = pick_device(args.device)
     seed_everything(args.seed + rank)
     return Stage(args, name), device, rank, world
@@ -1638,11 +1638,13 @@ def seed_everything(seed):
 
 
 def pick_device(name=None):
-    if name:
-        return torch.device(name)
-    if dist.is_initialized() and torch.cuda.is_available():
+    """--device as a torch.device: the flag's value, else CUDA when present, else the CPU.
+    Under torchrun a plain 'cuda' (or no flag on a CUDA machine) is the GPU of the
+    process's LOCAL_RANK, the one setup_distributed selected."""
+    want = torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.type == "cuda" and want.index is None and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return want
 
 
 def get_rank():
@@ -1653,13 +1655,16 @@ def get_world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def setup_distributed():
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(device=None):
+    """Join the torchrun process group when launched by torchrun: NCCL when the processes
+    run on GPUs (--device cuda, or no --device on a CUDA machine), each on the GPU of its
+    LOCAL_RANK; gloo when they run on the CPU (--device cpu, or no CUDA). check_flags has
+    already refused more processes per node than GPUs."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        on_gpu = pick_device(device).type == "cuda"
+        if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return get_rank(), get_world()
 
 
@@ -1759,6 +1764,13 @@ def check_flags(args):
                 bad.append(f"--device {dev}: CUDA is not available on this machine (use --device cpu)")
             elif d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
                 bad.append(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if "WORLD_SIZE" in os.environ and not bad:
+        # under torchrun every process takes the GPU of its LOCAL_RANK (setup_distributed)
+        local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if pick_device(dev).type == "cuda" and local >= n:
+            bad.append(f"torchrun started local rank {local} but this machine has {n} CUDA device(s): "
+                       f"run one process per GPU (--nproc_per_node {n}), or add --device cpu "
+                       f"to run the processes on the CPU (gloo)")
     if getattr(args, "batch_size", None) is not None and args.batch_size >= 1:
         # train-mode BatchNorm (the image-pooling branch of ASPP sees one value per image)
         # needs two images per normalisation group: per process, or across processes when

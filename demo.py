@@ -3,6 +3,7 @@
     python demo.py                  # toy data -> 01 ... 06 -> ONNX export -> predictions
     python demo.py --small          # a smaller configuration (the test suite runs it)
     python demo.py --small --nproc 2   # every stage under torchrun, 2 gloo processes (CI)
+    python demo.py --device cuda    # the same stages on a GPU (fp16 autocast on; not bit-identical)
 
 It runs the same numbered scripts a researcher runs on the real data, with smaller
 values of the same flags (printed before each stage, so you can rerun any one), then
@@ -105,9 +106,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1,
                    help="run stages 01-06 under torchrun with this many processes (gloo on CPU)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: the README's figures are CPU runs), cuda, cuda:1 ...; on CUDA "
+                        "every stage runs with its default --amp (fp16 autocast)")
     a = p.parse_args(argv)
+    if a.device != "cpu" and a.nproc > 1:
+        p.error(f"--nproc {a.nproc} runs gloo processes on the CPU; with --device {a.device} use 1")
     py = sys.executable
-    common = ["--data", a.data, "--work", a.work, "--seed", str(a.seed), "--device", "cpu"]
+    common = ["--data", a.data, "--work", a.work, "--seed", str(a.seed), "--device", a.device]
     times = {}
     t_all = time.time()
     if not (Path(a.data) / "cityscapes").exists():

@@ -642,7 +642,7 @@ def export_main(argv):
     a = ckpt.get("args", {})
     source = a.get("source", args.source)
     summary_in = (manifest or {}).get("summary", {})
-    miou = summary_in.get("miou")
+    miou = summary_in.get("target_miou")  # what 02, 05 and 06 record (06: its last round)
     common.log0(f"exporting {ckpt_path} ({a['backbone']}, {source}, target val mIoU "
                 f"{'unknown' if miou is None else f'{miou:.2f}'})")
 

@@ -31,12 +31,16 @@ def toy_data(tmp_path_factory):
 
 
 def run_stage(name, *args):
-    """Run a stage script's main() in-process with the given command-line arguments."""
-    return load_stage(name).main([str(a) for a in args])
+    """Run a stage script's main() in-process with the given command-line arguments, on
+    the CPU unless they name a --device: the suite checks exact CPU results (determinism,
+    recomputed statistics), and a CUDA machine would otherwise be every stage's default
+    (bench/cuda_check.sh runs the CUDA paths)."""
+    args = [str(a) for a in args]
+    return load_stage(name).main(args if "--device" in args else [*args, "--device", "cpu"])
 
 
 TINY_TRAIN = ["--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
-              "--crop", "64", "32", "--workers", "0", "--log-every", "10"]
+              "--crop", "64", "32", "--workers", "0", "--log-every", "10", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")

@@ -182,7 +182,7 @@ def test_upsample_rows_matches_interpolate():
 
 # ============ the stage on the toy data ============
 def run_maps(work, data, *extra):
-    return M.main(["--data", str(data), "--work", str(work), "--workers", "0",
+    return M.main(["--data", str(data), "--work", str(work), "--workers", "0", "--device", "cpu",
                    "--samples-per-class", "5000", *map(str, extra)])
 
 

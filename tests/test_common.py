@@ -371,7 +371,7 @@ import sys
 from argparse import Namespace
 sys.path.insert(0, {root!r})
 import common
-common.setup_distributed()
+common.setup_distributed("cpu")
 try:
     r = common.Stage(Namespace(work={work!r}, iters=int(sys.argv[1]), resume="auto"), "02_warmup").begin()
     print(f"rank {{common.get_rank()}}: resuming {{r}}", flush=True)
@@ -449,3 +449,23 @@ def test_a_failed_run_says_where_the_finished_run_is(tmp_path, capsys, monkeypat
     d, prev = tmp_path / "05_selftrain", tmp_path / "05_selftrain.previous"
     assert "error: a corrupt image" in err
     assert f"kept in {prev}; to go back to it: rm -rf {d} && mv {prev} {d}" in err
+
+
+def test_more_torchrun_processes_than_gpus_is_refused_before_anything_runs(monkeypatch):
+    """Under torchrun each process takes the GPU of its LOCAL_RANK. On a 1-GPU machine a
+    second process (local rank 1) used to die deep inside CUDA ('invalid device ordinal',
+    seen on an H200); now the flags check names the fix, and --device cpu runs gloo
+    processes on the CPU whatever the machine has. (No GPU here: CUDA's presence is
+    simulated; bench/cuda_check.sh runs the real case on a GPU.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(k, v)
+    want = ("torchrun started local rank 1 but this machine has 1 CUDA device(s): run one process per GPU "
+            "(--nproc_per_node 1), or add --device cpu to run the processes on the CPU (gloo)")
+    assert common.check_flags(Namespace(device=None)) == [want]
+    assert common.check_flags(Namespace(device="cuda")) == [want]
+    assert common.check_flags(Namespace(device="cpu")) == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert common.check_flags(Namespace(device=None)) == []
+    assert common.pick_device("cpu") == torch.device("cpu")

@@ -38,6 +38,11 @@ def test_demo_runs_every_stage_and_prints_the_table(pipeline):
     # each round's teacher is the previous round's student
     assert m6["summary"]["rounds"][0]["teacher"].endswith("05_selftrain/model.pt")
     assert m6["summary"]["rounds"][1]["teacher"].endswith("06_distill/round1/model.pt")
+    # the deployed model carries the mIoU that 06 measured for it (its last round)
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(d / "work" / "export" / "bismap.onnx").metadata_props}
+    assert meta["checkpoint_stage"] == "06_distill"
+    assert meta["miou"] == f"{m6['summary']['rounds'][1]['target_miou']:.2f}"
 
 
 def _copy(pipeline, tmp_path):
