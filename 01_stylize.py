@@ -18,7 +18,6 @@ Writes: work/01_stylize/images/<source name>.png, previews/*.png (source | refer
 Deterministic given --seed; a killed run resumes without redoing finished images.
 """
 import multiprocessing as mp
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar

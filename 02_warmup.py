@@ -20,7 +20,6 @@ backbone):
         --head-lr-mult 1 --batch-size 8 --crop 128 64 --eval-every 600 --workers 0
 """
 import common
-import torch
 import torch.nn.functional as F
 
 

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import common
