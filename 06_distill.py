@@ -105,7 +105,7 @@ def write_pseudo_labels(model, items, out_dir, device, scales, conf, rank, world
         out = out_dir / common.item_name(p)
         if out.exists():  # written atomically: an existing file is complete
             continue
-        img = torch.from_numpy(common.read_image(p).copy()).permute(2, 0, 1)[None].to(device)
+        img = common.image_tensor(p, device)
         common.save_png(out, pseudo_label(teacher_probs(model, img, scales), conf), palette=True)
         done += 1
     common.barrier()

@@ -176,6 +176,11 @@ def read_image(path):
     return arr
 
 
+def image_tensor(path, device="cpu"):
+    """read_image as a (1, 3, H, W) uint8 tensor on `device` (the networks normalise it)."""
+    return torch.from_numpy(read_image(path).copy()).permute(2, 0, 1)[None].to(device)
+
+
 def image_size(path):
     """(W, H) from the file header only (fast)."""
     try:
@@ -1311,8 +1316,7 @@ def evaluate(model, items, label_kind, device, source, flip=False, desc="eval", 
     cm = torch.zeros(n, n + 1, dtype=torch.int64)
     mine = items[rank::world]
     for img_path, lab_path in tqdm(mine, desc=desc, leave=False, disable=rank != 0 or len(mine) < 20):
-        img = read_image(image_for(img_path) if image_for else img_path)
-        img = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].to(device)
+        img = image_tensor(image_for(img_path) if image_for else img_path, device)
         lab = decode_label(lab_path, label_kind)
         pred = predict_logits(model, img, flip=flip, size=lab.shape).argmax(1)[0].cpu().numpy()
         cm += torch.from_numpy(confusion(pred, lab, n))
@@ -2265,7 +2269,7 @@ def recompute_bn_statistics(model, items, device, batch_size=8):
     def batches():  # consecutive images of one size; a lone image goes with its mirror image
         group = []
         for p in paths + [None]:
-            img = None if p is None else torch.from_numpy(read_image(p).copy()).permute(2, 0, 1)
+            img = None if p is None else image_tensor(p)[0]
             if group and (img is None or len(group) == batch_size or img.shape != group[0].shape):
                 if len(group) == 1:
                     group.append(group[0].flip(-1))

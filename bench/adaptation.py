@@ -121,7 +121,6 @@ def warmup_argmax_as_labels(src, dst, data, work):
     as 03 computed its features (03's --bn-images on the target training images; 0: the
     running ones). Tells whether 03's assignment adds to, or takes from, what the
     warm-up's classifier already says there."""
-    import torch
     import common
     n = manifest(work, "03_maps")["args"]["bn_images"]
     model, _ = common.model_from_checkpoint(Path(work) / "02_warmup" / "model.pt", "cpu")
@@ -130,7 +129,7 @@ def warmup_argmax_as_labels(src, dst, data, work):
     images = {common.item_name(i[0]): i[0] for i in common.target_train_items(data)}
 
     def make(name, pseudo):
-        img = torch.from_numpy(common.read_image(images[name]).copy()).permute(2, 0, 1)[None]
+        img = common.image_tensor(images[name])
         pred = common.predict_logits(model, img)[0].argmax(0).numpy()
         return np.where(pseudo == common.IGNORE, common.IGNORE, pred).astype(np.uint8)
     replace_labels(src, dst, make, "warmup_argmax_on_mask.txt",

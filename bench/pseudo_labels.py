@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -90,7 +89,7 @@ def main(argv=None):
         if pl.shape != gt.shape:
             sys.exit(f"bench/pseudo_labels.py: {pl_path} is {pl.shape[1]}x{pl.shape[0]}, "
                      f"its ground truth {gt.shape[1]}x{gt.shape[0]}")
-        img = torch.from_numpy(common.read_image(img_path).copy()).permute(2, 0, 1)[None].to(device)
+        img = common.image_tensor(img_path, device)
         pred = common.predict_logits(model, img, size=gt.shape).argmax(1)[0].cpu().numpy()
         valid = gt != common.IGNORE
         sel = valid & (pl != common.IGNORE)

@@ -221,7 +221,7 @@ def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(di
     teacher, _ = common.model_from_checkpoint(work / "05_selftrain" / "model.pt")
     kept = pixels = 0
     for p, _ in targets:
-        img = torch.from_numpy(common.read_image(p).copy()).permute(2, 0, 1)[None]
+        img = common.image_tensor(p)
         prob = ds.teacher_probs(teacher, img)
         conf, arg = prob.max(1)
         want = np.where(conf[0].numpy() > 0.95, arg[0].numpy(), 255)

@@ -469,3 +469,16 @@ def test_more_torchrun_processes_than_gpus_is_refused_before_anything_runs(monke
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert common.check_flags(Namespace(device=None)) == []
     assert common.pick_device("cpu") == torch.device("cpu")
+
+
+def test_image_tensor_is_the_decoded_image_as_one_uint8_batch(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)      # H=2, W=3
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    t = common.image_tensor(tmp_path / "a.png")
+    assert t.shape == (1, 3, 2, 3) and t.dtype == torch.uint8
+    assert t[0, :, 1, 2].tolist() == rgb[1, 2].tolist()               # channel-first, same pixel
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")          # greyscale becomes 3 equal channels
+    g = common.image_tensor(tmp_path / "grey.png")
+    assert g.shape == (1, 3, 2, 3) and torch.equal(g[0, 0], g[0, 2])
+    with pytest.raises(common.DataError, match="image not found"):
+        common.image_tensor(tmp_path / "missing.png")

@@ -211,7 +211,7 @@ def test_label_rows_keep_03s_pixels_with_the_truth_or_02s_argmax(pipeline, tmp_p
         truth = common.decode_label(gt[name], "cityscapes")
         got = common.decode_label(tmp_path / "gt" / "03_maps" / "labels" / name, "trainid")
         assert np.array_equal(got[keep], truth[keep]) and (got[~keep] == common.IGNORE).all(), name
-        img = torch.from_numpy(common.read_image(images[name]).copy()).permute(2, 0, 1)[None]
+        img = common.image_tensor(images[name])
         pred = common.predict_logits(model, img)[0].argmax(0).numpy()
         got = common.decode_label(tmp_path / "arg" / "03_maps" / "labels" / name, "trainid")
         assert np.array_equal(got[keep], pred[keep]) and (got[~keep] == common.IGNORE).all(), name
