@@ -106,6 +106,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1,
                    help="run stages 01-06 under torchrun with this many processes (gloo on CPU)")
+    p.add_argument("--source-factor", type=float, default=1.0,
+                   help="toy_data.py --source-factor: this many times the toy source images "
+                        "(used when the toy data is generated, i.e. when --data holds none)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default: the README's figures are CPU runs), cuda, cuda:1 ...; on CUDA "
                         "every stage runs with its default --amp (fp16 autocast)")
@@ -118,7 +121,11 @@ def main(argv=None):
     t_all = time.time()
     if not (Path(a.data) / "cityscapes").exists():
         gen = ["--scale", "0.5", "--count", "0.5"] if a.small else []
+        gen += ["--source-factor", str(a.source_factor)] if a.source_factor != 1 else []
         times["toy_data"] = run([py, "toy_data.py", "--data", a.data, "--seed", str(a.seed), *gen])
+    elif a.source_factor != 1:
+        p.error(f"--source-factor {a.source_factor}: {a.data} already holds toy data, which is not "
+                f"regenerated; give another --data")
     for stage, flags in configs(a.small):
         if stage == "export_onnx":
             cmd = [py, "export_onnx.py", *flags, *common]

@@ -3,6 +3,8 @@ exactly the real on-disk formats, so every stage runs on a CPU in minutes.
 
     python toy_data.py --data data            # writes data/GTA5, data/SYNTHIA, data/cityscapes
     python toy_data.py --data data --scale 0.5 --count 0.5   # a smaller set (tests)
+    python toy_data.py --data data --source-factor 8   # 8x the source images (GTA5 / Cityscapes
+                                                       # train is 8.4x in the real data)
 
 Scenes are procedural street layouts in perspective (sky with clouds, buildings with
 window grids, a road with lane marks, tiled sidewalks, trees and grass, fences and
@@ -302,35 +304,36 @@ def gta5_palette():
     return pal.flatten().tolist()
 
 
-def write_gta5(root, n, size, rng):
+def write_gta5(root, n, size, rng, first=1, quirks=True):
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     lut = np.zeros(256, np.uint8)
     for t, i in CS_ID.items():
         lut[t] = i
-    for k in range(1, n + 1):
+    last = first + n - 1
+    for k in range(first, last + 1):
         w, h = size
         lab, parts = layout(h, w, rng)
         img = render(lab, parts, rng, target=False)
         name = f"{k:05d}.png"
         Image.fromarray(img).save(root / "images" / name)
-        if k == n:        # like the real GTA5: a label is missing
+        if quirks and k == last:        # like the real GTA5: a label is missing
             continue
         ids = Image.fromarray(lut[lab]).convert("P")
-        if k == n - 1:    # and a label whose size differs from its image
+        if quirks and k == last - 1:    # and a label whose size differs from its image
             ids = ids.resize((w - 2, h), Image.NEAREST)
         ids.putpalette(gta5_palette())
         ids.save(root / "labels" / name)
 
 
-def write_synthia(root, n, size, rng):
+def write_synthia(root, n, size, rng, first=1):
     import cv2
     (root / "RGB").mkdir(parents=True, exist_ok=True)
     (root / "GT" / "LABELS").mkdir(parents=True, exist_ok=True)
     lut = np.zeros(256, np.uint16)
     for t, s in SYN_ID.items():
         lut[t] = s
-    for k in range(1, n + 1):
+    for k in range(first, first + n):
         w, h = size
         lab, parts = layout(h, w, rng, synthia=True)
         img = render(lab, parts, rng, target=False)
@@ -368,7 +371,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="image size factor (1.0: target 256x128)")
     p.add_argument("--count", type=float, default=1.0, help="image count factor")
+    p.add_argument("--source-factor", type=float, default=1.0,
+                   help="GTA5 and SYNTHIA get this many times their images (>= 1). The images "
+                        "beyond the usual ones come from their own random streams, so the "
+                        "target sets and the usual source images stay byte-identical")
     a = p.parse_args(argv)
+    if not a.source_factor >= 1:
+        p.error(f"--source-factor must be a number >= 1, got {a.source_factor}")
     t0 = time.time()
     data = Path(a.data)
     rng = np.random.default_rng(a.seed)
@@ -382,6 +391,13 @@ def main(argv=None):
     write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", cnt(48), sz(224, 132), rng)
     write_cityscapes(data / "cityscapes", "train", ["aachen", "bochum", "zurich"], cnt(16), sz(256, 128), rng)
     write_cityscapes(data / "cityscapes", "val", ["frankfurt", "lindau"], cnt(7), sz(256, 128), rng)
+    for k, (n, write) in enumerate([(cnt(64), lambda m, r: write_gta5(data / "GTA5", m, sz(240, 132), r,
+                                                                      first=cnt(64) + 1, quirks=False)),
+                                    (cnt(48), lambda m, r: write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", m,
+                                                                         sz(224, 132), r, first=cnt(48) + 1))]):
+        extra = int(round(n * a.source_factor)) - n
+        if extra > 0:
+            write(extra, np.random.default_rng([a.seed, k + 1]))
     print(f"toy datasets written to {data}/ (GTA5, SYNTHIA/RAND_CITYSCAPES, cityscapes) "
           f"in {time.time() - t0:.1f}s")
 

@@ -172,6 +172,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="bench/out/adaptation", help="data and work folders per seed")
     p.add_argument("--small", action="store_true", help="the demo's small configuration (a smoke run)")
+    p.add_argument("--source-factor", type=float, default=1.0,
+                   help="demo.py --source-factor: toy data with this many times the source images "
+                        "(use a fresh --out: finished seeds are reused whatever their data)")
     p.add_argument("--no-ablations", action="store_true", help="only the pipeline per seed")
     a = p.parse_args(argv)
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
@@ -184,7 +187,8 @@ def main(argv=None):
         base.mkdir(parents=True, exist_ok=True)
         if not (work / "export" / "manifest.json").exists():
             run(["demo.py", "--data", data, "--work", work, "--seed", seed]
-                + (["--small"] if a.small else []), log)
+                + (["--small"] if a.small else [])
+                + (["--source-factor", a.source_factor] if a.source_factor != 1 else []), log)
         else:  # a finished pipeline (e.g. the README's `python demo.py`, linked here): reuse it
             print(f"seed {seed}: reusing the finished pipeline in {work}", flush=True)
         row = {"seed": seed,

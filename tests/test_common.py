@@ -482,3 +482,36 @@ def test_image_tensor_is_the_decoded_image_as_one_uint8_batch(tmp_path):
     assert g.shape == (1, 3, 2, 3) and torch.equal(g[0, 0], g[0, 2])
     with pytest.raises(common.DataError, match="image not found"):
         common.image_tensor(tmp_path / "missing.png")
+
+
+def test_toy_source_factor_adds_labelled_source_images_and_keeps_the_rest(toy_data, tmp_path):
+    """toy_data.py --source-factor 2 (the larger source of the closing notes' experiment):
+    twice the GTA5 and SYNTHIA images, every added one labelled and of the usual size; the
+    target sets and the usual source images byte-identical to the default data (the
+    session fixture, made with the same seed, scale and count)."""
+    import toy_data as td
+    big = tmp_path / "big"
+    td.main(["--data", str(big), "--scale", "0.5", "--count", "0.5", "--seed", "0", "--source-factor", "2"])
+    for sub, pat in (("GTA5/images", "*.png"), ("GTA5/labels", "*.png"),
+                     ("SYNTHIA/RAND_CITYSCAPES/RGB", "*.png"), ("SYNTHIA/RAND_CITYSCAPES/GT/LABELS", "*.png")):
+        usual = sorted((toy_data / sub).glob(pat))
+        added = sorted(set(p.name for p in (big / sub).glob(pat)) - set(p.name for p in usual))
+        assert all((big / sub / p.name).read_bytes() == p.read_bytes() for p in usual), sub
+        n_images = len(list((toy_data / sub.replace("labels", "images").replace("GT/LABELS", "RGB")).glob(pat)))
+        assert len(added) == n_images, sub                       # as many again, each with its label
+    for p in (toy_data / "cityscapes").rglob("*.png"):
+        assert (big / p.relative_to(toy_data)).read_bytes() == p.read_bytes()
+    usual = Image.open(next((toy_data / "GTA5" / "images").glob("*.png"))).size
+    last = sorted((big / "GTA5" / "labels").glob("*.png"))[-1]
+    assert Image.open(last).size == Image.open(big / "GTA5" / "images" / last.name).size == usual
+    with pytest.raises(SystemExit):
+        td.main(["--data", str(tmp_path / "x"), "--source-factor", "0.5"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_refuses_a_source_factor_for_data_it_would_not_regenerate(toy_data, tmp_path, capsys):
+    import demo
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--data", str(toy_data), "--work", str(tmp_path / "w"), "--source-factor", "8"])
+    assert e.value.code == 2 and "already holds toy data" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
