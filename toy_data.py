@@ -391,13 +391,16 @@ def main(argv=None):
     write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", cnt(48), sz(224, 132), rng)
     write_cityscapes(data / "cityscapes", "train", ["aachen", "bochum", "zurich"], cnt(16), sz(256, 128), rng)
     write_cityscapes(data / "cityscapes", "val", ["frankfurt", "lindau"], cnt(7), sz(256, 128), rng)
-    for k, (n, write) in enumerate([(cnt(64), lambda m, r: write_gta5(data / "GTA5", m, sz(240, 132), r,
-                                                                      first=cnt(64) + 1, quirks=False)),
-                                    (cnt(48), lambda m, r: write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", m,
-                                                                         sz(224, 132), r, first=cnt(48) + 1))]):
-        extra = int(round(n * a.source_factor)) - n
-        if extra > 0:
-            write(extra, np.random.default_rng([a.seed, k + 1]))
+    # --source-factor: the added source images come from streams of their own, so
+    # everything written above stays byte-identical
+    n_gta, n_syn = cnt(64), cnt(48)
+
+    def added(n):
+        return int(round(n * a.source_factor)) - n
+    write_gta5(data / "GTA5", added(n_gta), sz(240, 132), np.random.default_rng([a.seed, 1]),
+               first=n_gta + 1, quirks=False)
+    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", added(n_syn), sz(224, 132),
+                  np.random.default_rng([a.seed, 2]), first=n_syn + 1)
     print(f"toy datasets written to {data}/ (GTA5, SYNTHIA/RAND_CITYSCAPES, cityscapes) "
           f"in {time.time() - t0:.1f}s")
 
