@@ -1678,7 +1678,13 @@ def barrier():
 
 
 def cleanup_distributed():
+    """Leave the torchrun process group. Every rank first waits for the others (rank 0 may
+    still be writing previews and the manifest), so that no rank closes its connections
+    while a peer is still working: in one 2-process CI run, 04_stm's rank 1, leaving
+    while rank 0 wrote its previews, aborted ("terminate called without an active
+    exception", SIGABRT) and torchrun then stopped rank 0."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,6 +15,9 @@ with onnxruntime's default options. When CUDA really works (torch and/or onnxrun
 the CUDA engines are timed too. The max|dp| column is a sanity check of the outputs;
 random resnet101 weights give logits of ~1e3 (untrained BatchNorm statistics), so
 float32 rounding shows up as ~1e-3 at near-tie pixels there (a random resnet18: ~1e-8).
+The torch CUDA engine runs in float32 like the others (cuDNN's TF32 off, as
+export_onnx.py's validation does); --tf32 times it with TF32 convolutions and matmuls,
+which are faster on Ampere and later GPUs and move max|dp| far above float32 rounding.
 
     python bench/onnx_speed.py                          # resnet101, 1024x512 and 1914x1052
     python bench/onnx_speed.py --backbone resnet18 --repeats 2
@@ -52,6 +55,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
     p.add_argument("--ort-default", action="store_true",
                    help="also time an onnxruntime session with default options")
+    p.add_argument("--tf32", action="store_true",
+                   help="let the torch CUDA engine use TF32 (default: float32, comparable outputs)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     threads = a.threads or export_onnx._cpu_count()
@@ -86,6 +91,8 @@ def main(argv=None):
                 lambda x, s=s0: s.run(["label", "probs"], {"image": x}), None)
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = a.tf32          # torch's default for cuDNN is True
+            torch.backends.cuda.matmul.allow_tf32 = a.tf32
             gpu = export_onnx.build_deployable(common.build_model(a.backbone).eval())
             gpu.load_state_dict(wrapped.state_dict())
             engines["torch eager cuda"] = torch_engine(gpu.cuda(), torch.device("cuda"))
@@ -95,7 +102,8 @@ def main(argv=None):
 
         print(f"backbone {a.backbone}, batch 1, {threads} threads, warm-up {a.warmup}, repeats {a.repeats} "
               f"(median); torch {torch.__version__}, onnxruntime {ort.__version__} "
-              f"(ORT_ENABLE_ALL, intra-op threads {threads})" + (f"; {note}" if note else ""))
+              f"(ORT_ENABLE_ALL, intra-op threads {threads})" + (f"; {note}" if note else "")
+              + (f"; torch CUDA {'TF32' if a.tf32 else 'float32'}" if "torch eager cuda" in engines else ""))
         rng = np.random.default_rng(a.seed)
         rows = []
         for size in a.sizes:
