@@ -387,20 +387,17 @@ def main(argv=None):
 
     def cnt(n):
         return max(4, int(round(n * a.count)))
-    write_gta5(data / "GTA5", cnt(64), sz(240, 132), rng)
-    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", cnt(48), sz(224, 132), rng)
+    n_gta, n_syn, gta_size, syn_size = cnt(64), cnt(48), sz(240, 132), sz(224, 132)
+    write_gta5(data / "GTA5", n_gta, gta_size, rng)
+    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", n_syn, syn_size, rng)
     write_cityscapes(data / "cityscapes", "train", ["aachen", "bochum", "zurich"], cnt(16), sz(256, 128), rng)
     write_cityscapes(data / "cityscapes", "val", ["frankfurt", "lindau"], cnt(7), sz(256, 128), rng)
     # --source-factor: the added source images come from streams of their own, so
     # everything written above stays byte-identical
-    n_gta, n_syn = cnt(64), cnt(48)
-
-    def added(n):
-        return int(round(n * a.source_factor)) - n
-    write_gta5(data / "GTA5", added(n_gta), sz(240, 132), np.random.default_rng([a.seed, 1]),
-               first=n_gta + 1, quirks=False)
-    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", added(n_syn), sz(224, 132),
-                  np.random.default_rng([a.seed, 2]), first=n_syn + 1)
+    write_gta5(data / "GTA5", int(round(n_gta * a.source_factor)) - n_gta, gta_size,
+               np.random.default_rng([a.seed, 1]), first=n_gta + 1, quirks=False)
+    write_synthia(data / "SYNTHIA" / "RAND_CITYSCAPES", int(round(n_syn * a.source_factor)) - n_syn,
+                  syn_size, np.random.default_rng([a.seed, 2]), first=n_syn + 1)
     print(f"toy datasets written to {data}/ (GTA5, SYNTHIA/RAND_CITYSCAPES, cityscapes) "
           f"in {time.time() - t0:.1f}s")
 
