@@ -5,7 +5,10 @@ the paper's ablations on the same seeds.
     python bench/adaptation.py --seeds 0 1 2 3 4 --out bench/out/adaptation
 
 For every seed it runs `demo.py --seed S` (toy data generated with that seed, then 01 ... 06
-with the demo's flags), then on the same 01-04 artifacts:
+with the demo's flags), then (`--rows`, default all):
+  - the target oracle: 02's recipe trained on the target training images with their
+    ground truth, the headroom (oracle - 02) that an adaptation method can close;
+and on the same 01-04 artifacts:
   - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
   - the ceiling of 05's target term: 05 trained on the target ground truth in place of
     03's pseudo labels ("05 GT"; same flags and upstream);
@@ -45,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the demo's per-stage flags are the benchmark's)
-from common import CLASSES, LabelTally, target_ground_truth, target_train_items  # noqa: E402
+from common import CLASSES, LabelTally, item_name, target_ground_truth, target_train_items  # noqa: E402
 
 
 def run(cmd, log):
@@ -136,6 +139,23 @@ def warmup_argmax_as_labels(src, dst, data, work):
                    "labels/ hold 02's argmax on the pixels 03 labels, not 03's pseudo labels\n")
 
 
+def target_oracle_data(data, dst):
+    """A data folder whose 'GTA5' holds the target training images with their ground truth
+    (GTA5 labels and Cityscapes gtFine labelIds share one id space), Cityscapes linked:
+    02 trained on it with the demo's flags is the target oracle, the most a method that
+    sees target labels could reach with this network and schedule (bench only)."""
+    (dst / "GTA5" / "images").mkdir(parents=True, exist_ok=True)
+    (dst / "GTA5" / "labels").mkdir(parents=True, exist_ok=True)
+    if not (dst / "cityscapes").exists():
+        (dst / "cityscapes").symlink_to((Path(data) / "cityscapes").resolve(), target_is_directory=True)
+    gt = target_ground_truth(data)
+    for k, (img, _) in enumerate(target_train_items(data), 1):
+        for a, b in ((img, f"images/{k:05d}.png"), (gt[item_name(img)], f"labels/{k:05d}.png")):
+            if not (dst / "GTA5" / b).exists():
+                (dst / "GTA5" / b).symlink_to(Path(a).resolve())
+    return dst
+
+
 def with_flag(args, name, value):
     """The demo's flags with one flag's value replaced (or added)."""
     args = list(args)
@@ -153,11 +173,17 @@ def warmup_with_target_bn(work, data):
     import torch
     import common
     source = manifest(work, "02_warmup")["args"]["source"]
-    n = manifest(work, "05_selftrain")["args"]["bn_images"]
+    n = manifest(work, "05_selftrain")["args"]["bn_images"] or 500  # 05 kept its running ones
     model, _ = common.model_from_checkpoint(Path(work) / "02_warmup" / "model.pt", "cpu")
     common.recompute_bn_statistics(model, common.bn_images(common.target_train_items(data), n), "cpu")
     cm = common.evaluate(model, common.target_val_items(data), "cityscapes", torch.device("cpu"), source)
     return common.summarize_iou(cm, source)["miou"]
+
+
+ROWS = {"oracle": "02's recipe on the target ground truth",
+        "table4": "05 without STM, without consistency",
+        "labels": "05 on the ground truth, on the ground truth at 03's pixels, on 02's argmax at 03's pixels",
+        "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them"}
 
 
 def mean_sd(xs):
@@ -176,6 +202,9 @@ def main(argv=None):
                    help="demo.py --source-factor: toy data with this many times the source images "
                         "(use a fresh --out: finished seeds are reused whatever their data)")
     p.add_argument("--no-ablations", action="store_true", help="only the pipeline per seed")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="which groups of extra runs to make (default: all): " +
+                        "; ".join(f"{k}: {v}" for k, v in ROWS.items()))
     a = p.parse_args(argv)
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
     t0 = time.time()
@@ -213,8 +242,16 @@ def main(argv=None):
                      *args, *extra], log)
                 return manifest(w, name)["summary"]
 
+            # ---- the target oracle: 02's recipe on the target ground truth (raw images, no
+            # base resize: the target's own size), the headroom an adaptation can close ----
+            if "oracle" in a.rows:
+                od = target_oracle_data(data, base / "data_oracle")
+                ow = base / "work_oracle"
+                run(["02_warmup.py", "--data", od, "--work", ow, "--seed", seed, "--device", "cpu",
+                     *flags("02_warmup", a.small), "--source-images", "raw", "--base-resize", "native"], log)
+                row["oracle"] = manifest(ow, "02_warmup")["summary"]["target_miou"]
             # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
-            for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")):
+            for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")) * ("table4" in a.rows):
                 w = base / f"work_{name}"
                 link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
                 row[f"05_{name}"] = stage("05_selftrain", w, flag)["target_miou"]
@@ -224,17 +261,19 @@ def main(argv=None):
             src = work / "03_maps"
             for name, make in (("gt_labels", lambda d: ground_truth_as_labels(src, d, data)),
                                ("gt_on_mask", lambda d: ground_truth_as_labels(src, d, data, True)),
-                               ("warmup_on_mask", lambda d: warmup_argmax_as_labels(src, d, data, work))):
+                               ("warmup_on_mask", lambda d: warmup_argmax_as_labels(src, d, data, work))
+                               ) * ("labels" in a.rows):
                 w = base / f"work_{name}"
                 link_upstream(work, w, ("01_stylize", "02_warmup", "04_stm"))
                 make(w / "03_maps")
                 row[f"05_{name}"] = stage("05_selftrain", w)["target_miou"]
-            row["pl_warmup_on_mask"] = LabelTally.of_folder(
-                target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
-                target_ground_truth(data)).report("gta5")["accuracy"]
+            if "labels" in a.rows:
+                row["pl_warmup_on_mask"] = LabelTally.of_folder(
+                    target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
+                    target_ground_truth(data)).report("gta5")["accuracy"]
             # ---- Table 3 / 5: centroid (CAs-PLA) and confidence (IAS-like) pseudo labels at
             # the MAPs ratio, then 04 and 05 on them as on MAPs' (Table 3 is 05's mIoU) ----
-            for pla in ("centroid", "confidence"):
+            for pla in ("centroid", "confidence") * ("table3" in a.rows):
                 w = base / f"work_{pla}"
                 link_upstream(work, w, ("01_stylize", "02_warmup"))
                 f3 = with_flag(flags("03_maps", a.small), "--target-ratio", round(s3["pl_ratio"], 4))
@@ -253,7 +292,7 @@ def main(argv=None):
     head = ["seed", "02", "02 tBN", "05", "05 rBN", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)],
             "05-02", "05-02bn", "06-05"]
     if not a.no_ablations:
-        head += ["noSTM", "noCons", "05 GT"]
+        head += ["noSTM", "noCons", "05 GT", "oracle"]
     print("\n" + "=" * 78)
     print(f"BiSMAP toy adaptation over seeds {a.seeds} (target: toy Cityscapes val, mIoU %), "
           f"{time.time() - t0:.0f} s")
@@ -264,7 +303,7 @@ def main(argv=None):
         vals = [r["02"], r["02_target_bn"], r["05"], r["05_running_bn"], r["05_teacher"], *r["06"],
                 r["05"] - r["02"], r["05"] - r["02_target_bn"], r["06"][-1] - r["05"]]
         if not a.no_ablations:
-            vals += [r["05_no_stm"], r["05_no_consistency"], r.get("05_gt_labels")]
+            vals += [r.get("05_no_stm"), r.get("05_no_consistency"), r.get("05_gt_labels"), r.get("oracle")]
         for h, v in zip(head[1:], vals):
             cols[h].append(v)
         print(f"{r['seed']:>7} " + " ".join(f"{fmt(v):>7}" for v in vals))
@@ -291,33 +330,41 @@ def main(argv=None):
                          ("02, statistics re-estimated on target (AdaBN)", "02 tBN"), ("05 without STM", "noSTM"),
                          ("05 without consistency", "noCons"), ("05 full (STM + MAPs + consistency)", "05"),
                          ("05 on the target ground truth (ceiling)", "05 GT"),
+                         ("02's recipe on the target ground truth (oracle)", "oracle"),
                          (f"06 distillation (round {n6})", f"06 r{n6}")):
             print(f"  {label:<38} {ms[h][0]:5.1f} +- {ms[h][1]:.1f}")
-        print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %) "
-              "and 05 trained on them (target mIoU %):")
-        for r in rows:
-            print(f"  seed {r['seed']}: " + " | ".join(
-                f"{name} {100 * r[k]['ratio']:.1f}% acc {100 * r[k]['accuracy']:.1f} mIoU {r[k]['miou']:.1f}"
-                f" -> 05 {fmt(r[k5]).strip()}" for name, k, k5 in
-                (("MAPs", "pl_maps", "05"), ("CAs", "pl_centroid", "05_centroid"),
-                 ("IAS", "pl_confidence", "05_confidence"))))
-        for name, k5 in (("MAPs", "05"), ("CAs", "05_centroid"), ("IAS", "05_confidence")):
-            m, sd = mean_sd([r.get(k5) for r in rows])
-            print(f"  05 on {name:<4} labels: {m:5.1f} +- {sd:.1f}")
-        print("\nWhere 05 loses (same seeds, flags and upstream; only 05's target labels differ; "
-              "mean +- spread, and paired with 05 on 03's MAPs labels):")
-        for label, k in (("03's MAPs labels (05 as shipped)", "05"),
-                         ("02's own argmax on 03's pixels", "05_warmup_on_mask"),
-                         ("ground truth on 03's pixels", "05_gt_on_mask"),
-                         ("ground truth on every pixel (05 GT)", "05_gt_labels")):
-            m, sd = mean_sd([r.get(k) for r in rows])
-            dm, dsd = mean_sd([None if r.get(k) is None else r[k] - r["05"] for r in rows])
-            print(f"  {label:<38} {m:5.1f} +- {sd:.1f}   {dm:+5.1f} +- {dsd:.1f}")
-        accs = [(100 * r["pl_maps"]["accuracy"], 100 * r["pl_warmup_on_mask"]) for r in rows
-                if r.get("pl_warmup_on_mask") is not None]
-        if accs:
-            print("  label accuracy on 03's pixels, MAPs vs 02's argmax: "
-                  + ", ".join(f"{x:.1f} vs {y:.1f}" for x, y in accs))
+        ho, hsd = mean_sd([r["oracle"] - r["02"] for r in rows if r.get("oracle") is not None])
+        cl, clsd = mean_sd([(r["05"] - r["02"]) / (r["oracle"] - r["02"]) for r in rows
+                            if r.get("oracle") is not None and r["oracle"] > r["02"]])
+        print(f"  headroom, oracle - 02: {ho:+.1f} +- {hsd:.1f}; share of it 05 closes: "
+              f"{100 * cl:.0f}% +- {100 * clsd:.0f}%")
+        if "table3" in a.rows:
+            print("\nTable 3 / 5 on the toy data: pseudo labels at equal ratio (accuracy %, mIoU %) "
+                  "and 05 trained on them (target mIoU %):")
+            for r in rows:
+                print(f"  seed {r['seed']}: " + " | ".join(
+                    f"{name} {100 * r[k]['ratio']:.1f}% acc {100 * r[k]['accuracy']:.1f} mIoU {r[k]['miou']:.1f}"
+                    f" -> 05 {fmt(r[k5]).strip()}" for name, k, k5 in
+                    (("MAPs", "pl_maps", "05"), ("CAs", "pl_centroid", "05_centroid"),
+                     ("IAS", "pl_confidence", "05_confidence"))))
+            for name, k5 in (("MAPs", "05"), ("CAs", "05_centroid"), ("IAS", "05_confidence")):
+                m, sd = mean_sd([r.get(k5) for r in rows])
+                print(f"  05 on {name:<4} labels: {m:5.1f} +- {sd:.1f}")
+        if "labels" in a.rows:
+            print("\nWhere 05 loses (same seeds, flags and upstream; only 05's target labels differ; "
+                  "mean +- spread, and paired with 05 on 03's MAPs labels):")
+            for label, k in (("03's MAPs labels (05 as shipped)", "05"),
+                             ("02's own argmax on 03's pixels", "05_warmup_on_mask"),
+                             ("ground truth on 03's pixels", "05_gt_on_mask"),
+                             ("ground truth on every pixel (05 GT)", "05_gt_labels")):
+                m, sd = mean_sd([r.get(k) for r in rows])
+                dm, dsd = mean_sd([None if r.get(k) is None else r[k] - r["05"] for r in rows])
+                print(f"  {label:<38} {m:5.1f} +- {sd:.1f}   {dm:+5.1f} +- {dsd:.1f}")
+            accs = [(100 * r["pl_maps"]["accuracy"], 100 * r["pl_warmup_on_mask"]) for r in rows
+                    if r.get("pl_warmup_on_mask") is not None]
+            if accs:
+                print("  label accuracy on 03's pixels, MAPs vs 02's argmax: "
+                      + ", ".join(f"{x:.1f} vs {y:.1f}" for x, y in accs))
     print("\nShare of each class's target training pixels that the pseudo labels label correctly "
           "(%, mean over seeds):\n  05 learns from 03's MAPs labels, 06 from its teacher's (round 1)")
     print("  " + " ".join(f"{c[:5]:>5}" for c in CLASSES))
