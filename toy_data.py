@@ -14,10 +14,21 @@ and wheels, trucks, buses and trams with window rows), holding all 19 Cityscapes
 across the set. Objects vary in size with their distance and occlude each other far to
 near, so a network has to learn shapes and textures, not only colours. Vehicles take
 any paint colour in every domain, as in GTA5 and Cityscapes alike, so that a vehicle's
-colour never names its class. The domains differ the way synthetic and real images do:
-the source is clean, saturated and sharp; the target has another palette, varying
-exposure and illumination, blur and sensor noise. SYNTHIA has
-no terrain, truck or train, as the real SYNTHIA. Formats:
+colour never names its class. The domains differ the way GTA5 and Cityscapes do, in two
+ways (README, "Toy data"):
+  - photometry: the source is clean, saturated and sharp; the target has another palette,
+    varying exposure and illumination, blur and sensor noise (what GPA and batch-norm
+    statistics can undo);
+  - content (CONTENT_SHIFT below): the target's streets are another city's, with grey
+    concrete sidewalks in large slabs, facades of plaster and stone in several colours with
+    tall narrow windows, other foliage and grass, other vehicle models (shorter, taller
+    cars, box trucks, longer buses) mostly painted grey, black or white, darker clothes,
+    white sign faces, a steadier camera height, less open terrain and more parked cars and
+    pedestrians. No global colour transform undoes these: a source-trained model misreads
+    whole classes of the target (sidewalk as road, above all), as GTA5 models do on
+    Cityscapes, while a model trained on the target's labels does not (the bench's oracle).
+SYNTHIA has no terrain, truck or train, as the real SYNTHIA. GTA5 and SYNTHIA are the
+same with or without the content shift: it changes only the target. Formats:
   GTA5/images/00001.png (RGB)         GTA5/labels/00001.png (8-bit palette PNG of labelIds)
   SYNTHIA/RAND_CITYSCAPES/RGB/0000001.png  GT/LABELS/0000001.png (16-bit 3-channel, id in R)
   cityscapes/leftImg8bit/{train,val}/<city>/<city>_000000_0000NN_leftImg8bit.png
@@ -51,14 +62,17 @@ def _ellipse(lab, yy, xx, cy, cx, ry, rx, k):
     lab[box][((yy[box] - cy) / ry) ** 2 + ((xx[box] - cx) / rx) ** 2 < 1] = k
 
 
-def layout(h, w, rng, synthia=False):
+def layout(h, w, rng, synthia=False, real=False):
     """Draw one street scene as an (h, w) trainId map (255 marks 'void' pixels) and the
     parts that render() details: [(kind, y0, y1, x0, x1), ...]. Objects are drawn far to
-    near, so nearer ones occlude; their size follows the perspective of the road."""
+    near, so nearer ones occlude; their size follows the perspective of the road.
+    real=True: the target's scenes (CONTENT_SHIFT: a steadier camera height, less terrain,
+    more parked cars and pedestrians, other vehicle proportions)."""
     lab = np.full((h, w), SKY, np.uint8)
     parts = []
     yy, xx = np.mgrid[0:h, 0:w]
-    hor = int(h * rng.uniform(0.30, 0.42) if not synthia else h * rng.uniform(0.20, 0.32))
+    hor = int(h * (rng.uniform(0.34, 0.42) if real else rng.uniform(0.30, 0.42) if not synthia
+                   else rng.uniform(0.20, 0.32)))
     gy = hor + h // 10                                           # where the ground starts
     # buildings: blocks of random widths and heights (a few towers) standing on the ground
     x = int(rng.integers(-w // 10, 1))
@@ -90,7 +104,7 @@ def layout(h, w, rng, synthia=False):
     lab[ground] = SW
     lab[ground & (d < half)] = R
     parts.append(("road", gy, h, int(cx), int(cx) + 1))
-    if not synthia and rng.random() < 0.7:
+    if not synthia and rng.random() < (0.35 if real else 0.7):
         lab[ground & (d > half * rng.uniform(1.4, 1.9))] = TERR
     elif rng.random() < 0.5:
         lab[ground & (d > half * 1.8)] = VEG
@@ -131,21 +145,27 @@ def layout(h, w, rng, synthia=False):
                 lab[sy - s // 2:sy + s // 2 + 1, sx - s // 2:sx + s // 2 + 1] = SIGN
             parts.append(("sign", sy - s // 2, sy + s // 2 + 1, sx - s // 2, sx + s // 2 + 1))
     # road users, far to near: vehicles on the road, people and riders on the sidewalks
-    kinds = [CAR, CAR, CAR, BUS] + ([] if synthia else [TRUCK, TRUCK])
-    users = [("veh", int(rng.integers(gy + 2, h + h // 8))) for _ in range(rng.integers(1, 6))]
-    users += [("ped", int(rng.integers(gy + 2, h + h // 10))) for _ in range(rng.integers(1, 6))]
+    kinds = [CAR, CAR, CAR, BUS] + ([] if synthia else [TRUCK, TRUCK]) + ([CAR, CAR] if real else [])
+    crowd = 8 if real else 6  # city streets: more parked cars and pedestrians
+    users = [("veh", int(rng.integers(gy + 2, h + h // 8))) for _ in range(rng.integers(1, crowd))]
+    users += [("ped", int(rng.integers(gy + 2, h + h // 10))) for _ in range(rng.integers(1, crowd))]
     for kind, vy in sorted(users, key=lambda u: u[1]):
         sz = (0.4 + 1.0 * (vy - gy) / max(1, h - gy)) * rng.uniform(0.8, 1.25)
         if kind == "veh":
             k = kinds[rng.integers(len(kinds))]
-            vw = int(w * {CAR: 0.11, TRUCK: 0.14, BUS: 0.2}[k] * sz) + 3
-            vh = int(h * {CAR: 0.08, TRUCK: 0.15, BUS: 0.15}[k] * sz) + 3
+            # the target's vehicles are other models: shorter, taller cars (hatchbacks), box
+            # trucks, longer buses
+            vw = int(w * ({CAR: 0.09, TRUCK: 0.12, BUS: 0.24} if real else
+                          {CAR: 0.11, TRUCK: 0.14, BUS: 0.2})[k] * sz) + 3
+            vh = int(h * ({CAR: 0.09, TRUCK: 0.17, BUS: 0.14} if real else
+                          {CAR: 0.08, TRUCK: 0.15, BUS: 0.15})[k] * sz) + 3
             vx = int(cx + rng.uniform(-0.9, 0.9) * np.interp(vy, [gy, h], [w * 0.08, w * 0.5]))
             y0, x0, x1 = max(0, vy - vh), max(0, vx - vw // 2), min(w, vx + vw // 2)
             lab[y0:vy, x0:x1] = k
-            if k == CAR:  # the cabin, narrower than the body
-                ry0 = max(0, y0 - vh // 2)
-                lab[ry0:y0, x0 + vw // 6:max(x0 + vw // 6 + 1, x1 - vw // 6)] = k
+            if k == CAR:  # the cabin, narrower than the body (a hatchback's reaches the back)
+                ry0 = max(0, y0 - (vh * 2) // 3 if real else y0 - vh // 2)
+                c0, c1 = (x0 + vw // 10, x1 - vw // 4) if real else (x0 + vw // 6, x1 - vw // 6)
+                lab[ry0:y0, c0:max(c0 + 1, c1)] = k
                 y0 = ry0
             parts.append(({CAR: "car", TRUCK: "truck", BUS: "bus"}[k], y0, vy, x0, x1))
         else:
@@ -182,6 +202,8 @@ BASE = np.array([  # a 'rendered' colour per class, not the evaluation palette
     (170, 170, 170), (60, 60, 60), (230, 230, 40), (60, 140, 40), (150, 200, 100),
     (110, 170, 235), (220, 40, 60), (250, 90, 40), (40, 40, 180), (30, 70, 90),
     (40, 110, 150), (90, 110, 120), (120, 40, 200), (160, 30, 70)], np.float32)
+# CONTENT_SHIFT: facade materials of the target's buildings (plaster, sandstone, brick, concrete)
+FACADES = np.array([(175, 165, 145), (140, 138, 135), (165, 135, 95), (190, 186, 176), (125, 92, 78)], np.float32)
 GRAIN = np.array([3, 6, 8, 8, 6, 3, 2, 2, 10, 12, 2, 4, 4, 4, 4, 4, 4, 4, 4], np.float32)
 
 
@@ -205,10 +227,13 @@ def render(lab, parts, rng, target):
         mix = np.array([[0.75, 0.20, 0.05], [0.10, 0.75, 0.15], [0.05, 0.25, 0.70]], np.float32)
         col = col @ mix.T * 0.85 + 20
         col[VEG] = (95, 125, 60); col[SKY] = (170, 185, 200); col[R] = (95, 92, 90)
+        # CONTENT_SHIFT: grey concrete sidewalks (GTA5's are not; in Cityscapes road and
+        # sidewalk differ little in colour), trodden grass
+        col[SW] = (122, 118, 112); col[TERR] = (125, 130, 80)
     img = col[cls] + rng.normal(0, 6, 3).astype(np.float32)     # per-image tint
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # stuff textures: foliage blobs, grass, clouds, asphalt and facade weathering
-    foliage = _smooth_noise(h, w, 3, rng)
+    foliage = _smooth_noise(h, w, 5, rng) * 1.4 if target else _smooth_noise(h, w, 3, rng)
     img[lab == VEG] += (18 * foliage)[lab == VEG][:, None]
     img[lab == TERR] += (10 * _smooth_noise(h, w, 2, rng))[lab == TERR][:, None]
     sky = lab == SKY
@@ -222,6 +247,11 @@ def render(lab, parts, rng, target):
         if kind == "facade":  # a window grid, darker lower floors, a lit or dark window
             fy, fx = max(4, int(rng.integers(5, 9))), max(4, int(rng.integers(5, 10)))
             win = ((by % fy) >= fy // 3) & ((bx % fx) >= fx // 3) & (by > 2) & (bx > 1) & (bx < bw - 2)
+            if target:  # CONTENT_SHIFT: plaster and stone in several colours, tall narrow windows
+                n = int((m == BLD).sum())
+                sub[m == BLD] = FACADES[rng.integers(len(FACADES))] + GRAIN[BLD] * rng.normal(0, 1, (n, 1))
+                fy, fx = int(rng.integers(8, 13)), int(rng.integers(6, 10))
+                win = ((by % fy) >= fy // 4) & ((bx % fx) >= fx // 2) & (by > 2) & (bx > 1) & (bx < bw - 2)
             shade = rng.uniform(0.35, 0.6)
             sel = win & (m == BLD)
             sub[sel] = sub[sel] * shade + (rng.uniform(0, 60) if target else 25)
@@ -231,14 +261,21 @@ def render(lab, parts, rng, target):
             dash = ((yy[box] // 5) % 2 == 0)
             line = (np.abs(xx[box] - cx0) <= 0.5 + 0.012 * (yy[box] - y0)) & dash & (m == R)
             sub[line] = (225, 225, 210)
-            tiles = (m == SW) & (((yy[box] + 1) % 6 == 0) | (((xx[box] + yy[box] // 6 * 3) % 9) == 0))
-            sub[tiles] *= 0.8
+            if target:  # CONTENT_SHIFT: large concrete slabs
+                tiles = (m == SW) & (((yy[box] + 1) % 9 == 0) | ((xx[box] % 13) == 0))
+                sub[tiles] *= 0.88
+            else:
+                tiles = (m == SW) & (((yy[box] + 1) % 6 == 0) | (((xx[box] + yy[box] // 6 * 3) % 9) == 0))
+                sub[tiles] *= 0.8
         elif kind in ("car", "truck", "bus", "train"):
             k = {"car": CAR, "truck": TRUCK, "bus": BUS, "train": TRAIN}[kind]
             body = m == k
             # paint: any colour, in both domains (a class colour would be a cue that only
             # the source has: a source-trained model would read the class off the paint)
-            sub[body] = rng.uniform(30, 220, 3) + 6 * rng.normal(0, 1, (int(body.sum()), 3))
+            paint = rng.uniform(30, 220, 3)
+            if target and rng.random() < 0.6:  # CONTENT_SHIFT: most of a city's cars are grey, black or white
+                paint = np.full(3, rng.uniform(30, 220))
+            sub[body] = paint + 6 * rng.normal(0, 1, (int(body.sum()), 3))
             glass = (30, 40, 55) if not target else (45, 50, 55)
             if kind == "car":   # windows in the cabin (upper third), wheels at the bottom
                 sub[body & (by < bh * 0.33) & (bx > bw * 0.25) & (bx < bw * 0.75)] = glass
@@ -254,7 +291,7 @@ def render(lab, parts, rng, target):
         elif kind in ("person", "rider"):
             k = PERS if kind == "person" else RIDER
             body = m == k
-            sub[body & (by >= bh * 0.2)] = rng.uniform(30, 230, 3)          # clothes, any colour
+            sub[body & (by >= bh * 0.2)] = rng.uniform(30, 140 if target else 230, 3)  # clothes (darker in the target)
             sub[body & (by >= bh * 0.6)] = rng.uniform(20, 90, 3)           # trousers, darker
             sub[body & (by < bh * 0.2)] = (200, 160, 130) if not target else (190, 160, 140)
             if kind == "rider":   # a helmet-like top, in the class colour
@@ -271,7 +308,8 @@ def render(lab, parts, rng, target):
         elif kind == "sign":  # a white border and a coloured face
             face = rng.choice([0, 1, 2])
             sel = m == SIGN
-            sub[sel] = ((230, 230, 40), (200, 40, 40), (40, 80, 200))[face]
+            sub[sel] = (((230, 230, 230), (200, 40, 40), (40, 80, 200)) if target else  # CONTENT_SHIFT
+                        ((230, 230, 40), (200, 40, 40), (40, 80, 200)))[face]
             edge = sel & ((by < 1) | (by >= bh - 1) | (bx < 1) | (bx >= bw - 1))
             sub[edge] = (235, 235, 235)
         img[box] = sub
@@ -356,7 +394,7 @@ def write_cityscapes(root, split, cities, per_city, size, rng):
         (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
         for k in range(per_city):
             w, h = size
-            lab, parts = layout(h, w, rng)
+            lab, parts = layout(h, w, rng, real=True)
             img = render(lab, parts, rng, target=True)
             stem = f"{city}_000000_{k:06d}"
             Image.fromarray(img).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")

@@ -515,3 +515,28 @@ def test_demo_refuses_a_source_factor_for_data_it_would_not_regenerate(toy_data,
         demo.main(["--data", str(toy_data), "--work", str(tmp_path / "w"), "--source-factor", "8"])
     assert e.value.code == 2 and "already holds toy data" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_toy_target_differs_from_the_source_in_content_not_only_in_colour():
+    """The toy target is another city (toy_data CONTENT_SHIFT), not the source's scenes
+    recoloured: over the same number of scenes it holds less terrain and more cars and
+    people, and its sidewalks are grey concrete close to the road's grey, where the source's
+    stand apart from the road. A global colour transform (GPA) cannot undo the last: it
+    moves both classes alike."""
+    import toy_data as td
+
+    def stats(real, n=40):
+        rng = np.random.default_rng(3)
+        share, gap = np.zeros(19), []
+        for _ in range(n):
+            lab, parts = td.layout(64, 128, rng, real=real)
+            img = td.render(lab, parts, rng, target=real).astype(np.float64)
+            share += np.bincount(lab[lab < 19], minlength=19) / lab.size / n
+            if (lab == td.SW).any() and (lab == td.R).any():
+                rgb = [img[lab == k].mean(0) for k in (td.SW, td.R)]
+                gap.append(np.linalg.norm((rgb[0] - rgb[1]) / (rgb[0] + rgb[1] + 1)))  # scale-free
+        return share, float(np.median(gap))
+    (src, src_gap), (tgt, tgt_gap) = stats(False), stats(True)
+    assert tgt[td.TERR] < 0.7 * src[td.TERR]
+    assert tgt[td.CAR] > 1.2 * src[td.CAR] and tgt[td.PERS] > src[td.PERS]
+    assert tgt_gap < 0.6 * src_gap          # sidewalk and road: alike in the target only (0.20 vs 0.42)
