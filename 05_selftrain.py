@@ -38,11 +38,12 @@ the exported model use are a blend of source, augmented and clean target batches
 augmented ones are darker and flatter than any real image (fixmatch_augment_pool's
 factors are all below 1). The source and phi batches still normalise with their own batch
 statistics. --bn-stats official restores the official behaviour.
-And after the last iteration the running statistics (averages over the last few dozen
-augmented crops) are re-estimated on --bn-images whole, unaugmented target training images
-(common.recompute_bn_statistics), the images evaluation and export see; the final
-evaluation, model.pt and best.pt carry them, the manifest keeps the mIoU before
-(running_bn_target_miou) and after (target_miou). --bn-images 0 keeps the running ones.
+The saved model keeps the running statistics of training, as the official code's does;
+--bn-images N re-estimates them after the last iteration on N whole, unaugmented target
+training images (common.recompute_bn_statistics); the final evaluation, model.pt and
+best.pt then carry those, and the manifest keeps the mIoU before (running_bn_target_miou)
+and after (target_miou). On the content-shifted toy target the re-estimate lowered 05
+(README, "Self-training (05) and distillation (06)").
 At every evaluation the EMA teacher's target-val mIoU is printed and logged beside the
 student's, and the manifest records both.
 

@@ -161,7 +161,7 @@ def distill_recording_starts(data, work, init):
         mp.setattr(common, "train_loop", spy_loop)
         run_stage("06_distill", "--data", data, "--work", work, "--student-init", init, "--no-stm",
                   "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
-                  "--crop", "64", "32", "--workers", "0")
+                  "--crop", "64", "32", "--workers", "0", "--bn-images", "500")
     return starts
 
 
