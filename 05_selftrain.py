@@ -189,11 +189,7 @@ def main(argv=None):
                    help="batch norm of the EMA teacher's forward: 'batch' (the official code: the "
                         "statistics of the current target batch) or 'running' (eval mode, the running "
                         "statistics copied from the student)")
-    g.add_argument("--bn-stats", default="target", choices=["target", "official"],
-                   help="which forwards update the student's batch-norm running statistics (the "
-                        "ones evaluation and export use): 'target' (default) only the clean target "
-                        "batch, the source and phi batches normalise with their own statistics and "
-                        "leave them alone; 'official' all three, as the official code does")
+    common.add_bn_stats_arg(g, "source and phi")
     g.add_argument("--ra-ops", type=int, default=2,
                    help="RandAugment N: photometric ops drawn per image, each applied with "
                         "probability 0.5 (official RandAugmentMC(2, 10))")

@@ -12,6 +12,10 @@ Each round r = 1..R:
      the KL computed correctly: log-probabilities for the student, probabilities for the
      teacher, summed over classes and averaged over pixels (--official-kl reproduces the
      official code's kl_div(softmax(student), softmax(teacher)), which is not a KL).
+As in 05 (--bn-stats target, our departure from the official code), only the target
+forward updates the student's batch-norm running statistics, which the saved model keeps:
+with the source forward updating them too they are a blend of the two domains that no
+target image has. --bn-stats official restores the official behaviour.
 
 Reads:  work/05_selftrain/model.pt, work/01_stylize/images, work/04_stm/stm, data/cityscapes
 Writes: work/06_distill/round<r>/{labels/*.png, labels_report.json, model.pt, best.pt, last.pt,
@@ -151,6 +155,7 @@ def main(argv=None):
                         "this (ProDA's stage 2 and 3, which this stage follows: --threshold 0.95; "
                         "the official BiSMAP code ships labels, not the script that made them); "
                         "0 keeps every pixel")
+    common.add_bn_stats_arg(g, "source")
     common.add_bn_images_arg(g)
     g.add_argument("--no-stm", action="store_true", help="uniform source weights")
     p.set_defaults(warmup_iters=None)
@@ -228,7 +233,11 @@ def main(argv=None):
             s, t = next(loaders[0]), next(loaders[1])
             xs, ys = common.normalize(s["image"].to(device)), s["label"].to(device)
             ws = None if args.no_stm else s["stm"].to(device).float() / 255
-            loss_ce = common.weighted_ce(common.upsample(ddp(xs)[1], ys.shape[-2:]), ys, ws)  # Eq. (10)
+            # --bn-stats target: the source forward leaves the running statistics to the target
+            # forward, as in 05 (the official code lets both update them)
+            with common.frozen_bn_statistics(model, args.bn_stats == "target"):
+                ls = ddp(xs)[1]
+            loss_ce = common.weighted_ce(common.upsample(ls, ys.shape[-2:]), ys, ws)  # Eq. (10)
             xt, yt = common.normalize(t["image"].to(device)), t["label"].to(device)
             lt = common.upsample(ddp(xt)[1], yt.shape[-2:])                      # (B, C, H, W)
             with torch.no_grad():

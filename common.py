@@ -2227,6 +2227,18 @@ def frozen_bn_statistics(model, enabled=True):
             m.momentum = mom
 
 
+def add_bn_stats_arg(group, others):
+    """--bn-stats of 05 and 06: which training forwards update the student's batch-norm
+    running statistics, the ones evaluation, the next stage and the export use. `others`
+    names the forwards that leave them alone under 'target'."""
+    group.add_argument("--bn-stats", default="target", choices=["target", "official"],
+                       help="which forwards update the student's batch-norm running statistics (the "
+                            "ones evaluation and export use): 'target' (default) only the clean target "
+                            f"batch; the {others} forwards normalise with their own statistics and leave them alone; "
+                            "'official' every forward, as the official code does (a blend of the domains "
+                            "that no test image has)")
+
+
 def add_bn_images_arg(group):
     """--bn-images of 05 and 06 (see recompute_bn_statistics)."""
     group.add_argument("--bn-images", type=int, default=0,

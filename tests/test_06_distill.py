@@ -234,3 +234,26 @@ def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(di
     assert r["labels"]["images_with_ground_truth"] == 2 and 0 <= r["labels"]["accuracy"] <= 1
     report = json.loads((work / "06_distill" / "round1" / "labels_report.json").read_text())
     assert report["pl_ratio"] == r["labels"]["pl_ratio"] and set(report["labelled_share"]) == set(common.CLASSES)
+
+
+@pytest.mark.parametrize("mode, want", [("target", [0.0, 0.1]), ("official", [0.1, 0.1])])
+def test_only_the_target_forward_moves_the_students_running_statistics(distill, tmp_path, mode, want):
+    """--bn-stats target (default, as 05): the source forward normalises with its own batch
+    statistics but leaves the running ones (momentum 0 during it) to the target forward,
+    so the saved student's statistics are the target's, not a blend of the two domains;
+    'official' lets both forwards update them. One iteration: source, then target."""
+    data, work, _ = distill
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    seen, real_loop = [], common.train_loop
+
+    def spy_loop(args, out_dir, model, *a, **kw):
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.register_forward_hook(lambda mod, i, o: seen.append(mod.momentum) if mod.training else None)
+        return real_loop(args, out_dir, model, *a, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "train_loop", spy_loop)
+        run_stage("06_distill", "--data", data, "--work", w, "--student-init", "warmup-full", "--no-stm",
+                  "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+                  "--crop", "64", "32", "--workers", "0", "--bn-stats", mode)
+    assert seen == want
