@@ -248,6 +248,8 @@ def render(lab, parts, rng, target):
             fy, fx = max(4, int(rng.integers(5, 9))), max(4, int(rng.integers(5, 10)))
             win = ((by % fy) >= fy // 3) & ((bx % fx) >= fx // 3) & (by > 2) & (bx > 1) & (bx < bw - 2)
             if target:  # CONTENT_SHIFT: plaster and stone in several colours, tall narrow windows
+                # (replaces the grid above, whose draws stay in the random stream the README's
+                # figures were measured with)
                 n = int((m == BLD).sum())
                 sub[m == BLD] = FACADES[rng.integers(len(FACADES))] + GRAIN[BLD] * rng.normal(0, 1, (n, 1))
                 fy, fx = int(rng.integers(8, 13)), int(rng.integers(6, 10))
