@@ -1419,6 +1419,27 @@ class Stage:
         skip = {"device", "workers", "eval_every", "log_every", "resume", "debug", "check_images"}
         return {k: v for k, v in sorted(vars(self.args).items()) if k not in skip}
 
+    def run_key(self):
+        """What run.json records and a resume must match: the arguments (resume_key) and
+        the run ids of the upstream stages read with use()."""
+        key = json.loads(json.dumps(self.resume_key(), default=_json_default))
+        key["upstream"] = self.upstream_ids()
+        return key
+
+    def finished_unchanged(self):
+        """This folder's manifest if it records a finished run that had this run's key (the
+        same arguments and upstream runs) and --resume is auto, else None. Call it after
+        use() and before begin(), which removes the manifest. For a stage that can skip its
+        work outright when nothing changed (the export)."""
+        if getattr(self.args, "resume", "auto") != "auto":
+            return None
+        m = self.finished_manifest()
+        try:
+            old = json.loads((self.dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return m if m is not None and isinstance(old, dict) and old.get("key") == self.run_key() else None
+
     def begin(self, check=()):
         """Start (or resume) the stage. Returns True when resuming a matching run.
 
@@ -1428,8 +1449,7 @@ class Stage:
         if check and getattr(self.args, "check_images", True):
             check_readable(check, getattr(self.args, "workers", 0), self.rank, get_world())
         run = self.dir / "run.json"
-        key = json.loads(json.dumps(self.resume_key(), default=_json_default))
-        key["upstream"] = self.upstream_ids()
+        key = self.run_key()
         resuming, error = False, None
         if self.rank == 0:
             try:

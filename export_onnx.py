@@ -638,6 +638,16 @@ def export_main(argv):
     else:
         producer, ckpt_path = pick_checkpoint(args.work)
         manifest = stage.use(producer)
+    # ============ nothing changed since the last export: keep it ============
+    # (same arguments and upstream run, the same checkpoint bytes, the ONNX file as written;
+    # a rerun of demo.py would otherwise export and validate again, about a minute on a CPU)
+    out = stage.dir / ONNX_NAME
+    done = stage.finished_unchanged()
+    if (done and out.exists() and done.get("metadata", {}).get("checkpoint_sha256") == _sha256(ckpt_path)
+            and done["summary"].get("sha256") == _sha256(out)):
+        common.log0(f"{out} is up to date: exported from {ckpt_path} with these arguments, and "
+                    f"neither file changed since (--resume never exports again)")
+        return 0
     model, ckpt = common.model_from_checkpoint(ckpt_path, "cpu", producer)
     a = ckpt.get("args", {})
     source = a.get("source", args.source)
@@ -660,7 +670,6 @@ def export_main(argv):
     # ============ export, metadata, checker, validation; then the atomic rename ============
     stage.begin()
     stage.add_input(ckpt_path)
-    out = stage.dir / ONNX_NAME
     meta = {"bismap_format": FORMAT,
             "classes": json.dumps(list(common.CLASSES)),
             "palette": json.dumps(common.PALETTE.tolist()),

@@ -117,6 +117,32 @@ def test_graph_contract_and_metadata(exported):
     assert ("141x77", 1) in sizes and ("141x77", 2) in sizes
 
 
+def test_rerun_keeps_an_up_to_date_export(toy_data, tmp_path, capsys):
+    """A rerun with the same arguments and checkpoint keeps the file and its manifest; a
+    changed checkpoint, or --resume never, exports again."""
+    torch.manual_seed(0)
+    fake_stage(tmp_path, "02_warmup", model=common.build_model("resnet18"))
+    cmd = ["export", "--data", str(toy_data), "--work", str(tmp_path), "--val-images", "1",
+           "--val-sizes", "native", "--device", "cpu"]
+    man = tmp_path / "export" / "manifest.json"
+    onnx_file = tmp_path / "export" / "bismap.onnx"
+    assert ex.main(cmd) == 0
+    first, first_onnx = man.read_text(), onnx_file.read_bytes()
+    capsys.readouterr()
+    assert ex.main(cmd) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert man.read_text() == first and onnx_file.read_bytes() == first_onnx
+    assert ex.main(cmd + ["--resume", "never"]) == 0          # on purpose: exported again
+    out = capsys.readouterr().out
+    assert "is up to date" not in out and "wrote" in out      # (the file records its export time)
+    sha = json.loads(man.read_text())["metadata"]["checkpoint_sha256"]
+    torch.manual_seed(1)                                       # other weights, same path and run id
+    fake_stage(tmp_path, "02_warmup", model=common.build_model("resnet18"))
+    assert ex.main(cmd) == 0
+    assert "is up to date" not in capsys.readouterr().out
+    assert json.loads(man.read_text())["metadata"]["checkpoint_sha256"] != sha
+
+
 def test_onnx_matches_torch_odd_sizes_batch2(exported, session, toy_data):
     """Independent of the export's own check: common.predict_logits (the evaluation path)
     vs onnxruntime on sizes that are not multiples of 16, batch 1 and 2."""
