@@ -286,8 +286,8 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps(rows, indent=1))
 
     # ============ the report ============
-    def fmt(x):
-        return "  -  " if x is None else f"{x:5.1f}"
+    def fmt(x):  # no figure (a run left out, or a mean over none): a dash, not nan
+        return "  -  " if x is None or x != x else f"{x:5.1f}"
     n6 = max(len(r["06"]) for r in rows)
     head = ["seed", "02", "02 tBN", "05", "05 rBN", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)],
             "05-02", "05-02bn", "06-05"]
