@@ -5,8 +5,8 @@ Each round r = 1..R:
   1. the teacher (round 1: 05's self-trained model; round r+1: round r's student) labels
      every target training image with its prediction averaged over a horizontal flip
      (and --scales), keeping pixels whose confidence is above --conf-threshold (0.95, as
-     ProDA's stages 2 and 3; on the toy data 0.95 against 0 raised 06 on all three seeds
-     of the earlier photometric-only toy data and on seeds 0 / 1 of the content-shifted one,
+     ProDA's stages 2 and 3; 0.95 against 0 raised 06 on all three seeds
+     of the earlier, photometric-only toy data and on seeds 0 / 1 of the content-shifted one,
      README "Does it adapt?");
   2. a new student (started from --student-init) is trained with
         L = L_ce (Eq. (10), STM-weighted source)  +  L_sce (Eq. (11), teacher pseudo labels)
