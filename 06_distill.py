@@ -3,11 +3,12 @@
 
 Each round r = 1..R:
   1. the teacher (round 1: 05's self-trained model; round r+1: round r's student) labels
-     every target training image with its prediction averaged over a horizontal flip
-     (and --scales), keeping pixels whose confidence is above --conf-threshold (0.95, as
-     ProDA's stages 2 and 3; 0.95 against 0 raised 06 on all three seeds
-     of the earlier, photometric-only toy data and on seeds 0 / 1 of the content-shifted one,
-     README "Does it adapt?");
+     every target training image with the argmax of its logits averaged over --scales
+     (0.75, 1, 1.5) and a horizontal flip, every pixel labelled: the official code's
+     inference.py, which makes 06's labels (its colorize_save is called with threshold=0).
+     --conf-threshold 0.95 --scales 1 is ProDA's stages 2 and 3 instead (255 where the
+     confidence is at or below 0.95); on the toy data that threshold keeps the teacher's
+     confident errors and drops the classes it learned last (README "Does it adapt?");
   2. a new student (started from --student-init) is trained with
         L = L_ce (Eq. (10), STM-weighted source)  +  L_sce (Eq. (11), teacher pseudo labels)
             + --kd-weight * KL(p_teacher || p_student)   on the same target crop,
@@ -32,7 +33,10 @@ Toy data (CPU):
         --crop 128 64 --eval-every 200 --workers 0
   (no SimCLRv2 weights exist for the toy data: the student starts from 02's model; with
   `warmup` (02's backbone, a fresh head) one toy run ended at 23.0 mIoU against 27.3 for
-  `warmup-full`, its teacher at 29.0: a fresh head does not catch up in 200 iterations)
+  `warmup-full`, its teacher at 29.0: a fresh head does not catch up in 200 iterations.
+  `teacher` starts the student as a copy of its teacher, a diagnostic, not the paper's
+  stage: it tells whether 06's objective or the student's start is what holds 06 back;
+  on seeds 0 / 1 of the toy data it ended at 41.5 / 34.8 against 05's 41.4 / 38.2.)
 
 Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101
 (r101_1x_sk0, a TensorFlow checkpoint of google-research/simclr). --student-init PATH takes
@@ -84,22 +88,29 @@ def distill_kl(teacher_logits, student_logits, mask=None, official=False):
 # ============ teacher pseudo labels ============
 @torch.no_grad()
 def teacher_probs(model, img_u8, scales=(1.0,), flip=True):
-    """Softmax of the teacher averaged over scales and a horizontal flip, at input size.
-    img_u8: (1, 3, H, W) uint8. Returns (1, C, H, W)."""
+    """Softmax of the teacher's logits averaged over scales and a horizontal flip, at input
+    size. img_u8: (1, 3, H, W) uint8. Returns (1, C, H, W).
+    The official code makes 06's labels this way (luyvlei/BiSMAPs inference.py, main and
+    colorize_save: the logits at scales 768x1536, 1024x2048 and 1536x3072 of a 1024x2048
+    image and their flips, each upsampled to the image, summed / 6, then softmax and argmax).
+    ProDA averages probabilities over the flip instead (generate_pseudo_label.py); with
+    every pixel labelled (--conf-threshold 0) only the argmax matters."""
     h, w = img_u8.shape[-2:]
     acc = 0
     for s in scales:
         x = img_u8 if s == 1.0 else F.interpolate(img_u8.float(), scale_factor=s, mode="bilinear",
                                                   align_corners=False).round().clamp(0, 255).byte()
-        prob = common.predict_logits(model, x, flip=flip, size=(h, w)).softmax(1)
-        acc = acc + prob
-    return acc / len(scales)
+        for f in ((False, True) if flip else (False,)):
+            out = common.predict_logits(model, x.flip(-1) if f else x, size=(h, w))
+            acc = acc + (out.flip(-1) if f else out)
+    return (acc / (len(scales) * (2 if flip else 1))).softmax(1)
 
 
-def pseudo_label(prob, conf_threshold=0.95):
+def pseudo_label(prob, conf_threshold=0.0):
     """argmax of the averaged prediction; 255 where its confidence is at or below the
-    threshold, as ProDA's loader does (data/cityscapes_dataset.py: lp[conf <= threshold] = 250;
-    0 keeps every pixel, a softmax maximum is never 0)."""
+    threshold, as the official colorize_save (inference.py) and ProDA's loader
+    (data/cityscapes_dataset.py: lp[conf <= threshold] = 250) do; 0 keeps every pixel,
+    a softmax maximum is never 0."""
     conf, lab = prob.max(1)                                                # (1, H, W)
     lab[conf <= conf_threshold] = common.IGNORE
     return lab[0].byte().cpu().numpy()
@@ -141,7 +152,9 @@ def main(argv=None):
                         "SimCLRv2 converter's r101_1x_sk0.pth (the paper's student, Sec. 4.3 via "
                         "ProDA), ProDA's pretrained/r101_1x_sk0.pth ({'state_dict': ...}), or a "
                         "torchvision-layout state dict; every backbone tensor must be found (see "
-                        "the docstring). Except with warmup-full the head starts fresh.")
+                        "the docstring); or teacher (a copy of the round's teacher, head included: "
+                        "05's model in round 1, the previous student after; a diagnostic, see "
+                        "the docstring). Except with warmup-full and teacher the head starts fresh.")
     g.add_argument("--kd-weight", type=float, default=1.0,
                    help="weight of the distillation term, averaged over pixels and classes as in "
                         "the official code (the paper is silent; official: 1.0)")
@@ -150,13 +163,15 @@ def main(argv=None):
                         "KL; for exact comparison with the published numbers)")
     g.add_argument("--alpha", type=float, default=0.1, help="alpha of Eq. (11)")
     g.add_argument("--beta", type=float, default=1.0, help="beta of Eq. (11)")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="test-time scales for the teacher's pseudo labels (flip always)")
-    g.add_argument("--conf-threshold", type=float, default=0.95,
-                   help="ignore teacher pseudo labels whose flip-averaged confidence is at or below "
-                        "this (ProDA's stage 2 and 3, which this stage follows: --threshold 0.95; "
-                        "the official BiSMAP code ships labels, not the script that made them); "
-                        "0 keeps every pixel")
+    g.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.5],
+                   help="test-time scales for the teacher's pseudo labels, flip always (official "
+                        "inference.py: 768x1536, 1024x2048, 1536x3072 of a 1024x2048 image; "
+                        "ProDA: 1)")
+    g.add_argument("--conf-threshold", type=float, default=0.0,
+                   help="ignore teacher pseudo labels whose confidence (softmax of the averaged "
+                        "logits) is at or below this; 0, the official code's (inference.py calls "
+                        "colorize_save with threshold=0), keeps every pixel; ProDA's stages 2 and "
+                        "3 use 0.95")
     common.add_bn_stats_arg(g, "source")
     common.add_bn_images_arg(g)
     g.add_argument("--no-stm", action="store_true", help="uniform source weights")
@@ -167,6 +182,9 @@ def main(argv=None):
     stage, device, rank, world = common.start(args, "06_distill")
     st = stage.use("05_selftrain")
     args.backbone = args.backbone or st["args"]["backbone"]
+    if args.student_init == "teacher" and st["args"]["backbone"] != args.backbone:
+        raise common.StageError(f"--student-init teacher: 05's backbone is {st['args']['backbone']} "
+                                f"but the student's is {args.backbone}")
     warm_init = None
     if args.student_init in ("warmup", "warmup-full"):
         warm = stage.use("02_warmup")
@@ -209,7 +227,10 @@ def main(argv=None):
         # ============ 2. a new student (started from --student-init) ============
         common.seed_everything(args.seed + 1000 * r + rank)
         model = common.build_model(args.backbone, "none")
-        if warm_init is not None:
+        if args.student_init == "teacher":          # a copy of this round's teacher, head included
+            common.load_state_strict(model, teacher.state_dict(), what=f"--student-init teacher ({teacher_path})")
+            init = {"spec": "teacher", "layout": "this round's teacher, head included", "path": str(teacher_path)}
+        elif warm_init is not None:
             sd = common.load_checkpoint(warm_init, "02_warmup")["model"]
             if args.student_init == "warmup-full":  # 02's whole network
                 common.load_state_strict(model, sd, what=f"--student-init warmup-full ({warm_init})")

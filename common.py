@@ -1744,8 +1744,8 @@ FLAG_RULES = {
     "crop": (lambda v: min(v) >= 16, "W H, each at least 16 pixels (the model's output stride)"),
     "source_eval": _at_least(0), "previews": _at_least(0), "gamma_reg": _at_least(0),
     "weights": (_weights_flag, "imagenet, none or an existing state-dict file"),
-    "student_init": (lambda v: v in ("warmup", "warmup-full") or _weights_flag(v),
-                     "imagenet, none, warmup, warmup-full or an existing state-dict file"),
+    "student_init": (lambda v: v in ("warmup", "warmup-full", "teacher") or _weights_flag(v),
+                     "imagenet, none, warmup, warmup-full, teacher or an existing state-dict file"),
     "encoder_weights": (_weights_flag, "imagenet, none or an existing state-dict file"),
     # 03
     "target_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -100,10 +100,33 @@ def test_confidence_threshold():
     prob = torch.tensor([[0.9, 0.45], [0.1, 0.55]]).view(1, 2, 1, 2)
     assert ds.pseudo_label(prob.clone(), 0.6).tolist() == [[0, 255]]
     assert ds.pseudo_label(prob.clone(), 0.0).tolist() == [[0, 1]]
-    # the default is ProDA's 0.95, and a confidence equal to it is ignored (conf <= threshold)
+    # ProDA's 0.95: a confidence equal to it is ignored (conf <= threshold)
     prob = torch.tensor([[0.95, 0.96, 0.5], [0.05, 0.04, 0.5]]).view(1, 2, 1, 3)
-    assert ds.pseudo_label(prob.clone()).tolist() == [[255, 0, 255]]
-    assert ds.pseudo_label(prob.clone(), 0.0).tolist() == [[0, 0, 0]]
+    assert ds.pseudo_label(prob.clone(), 0.95).tolist() == [[255, 0, 255]]
+    # the default is the official code's 0: every pixel labelled
+    assert ds.pseudo_label(prob.clone()).tolist() == [[0, 0, 0]]
+
+
+def test_teacher_averages_logits_over_flips_and_scales():
+    """The official inference.py averages the teacher's logits (not its probabilities)
+    over scales and flips. softmax(mean of log p_s) = softmax(mean of the logits), since
+    each log p_s is its logits minus a per-pixel constant: so the 2-scale result must equal
+    the softmax of the mean of the single-scale log-probabilities, and must differ from
+    the mean of the single-scale probabilities."""
+    torch.manual_seed(0)
+    model = common.build_model("resnet18").eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight *= 300                   # confident logits: the two averages differ
+    img = torch.randint(0, 256, (1, 3, 48, 72), dtype=torch.uint8)
+    lo = [common.predict_logits(model, x)[0] for x in (img, img.flip(-1))]
+    want = ((lo[0] + lo[1].flip(-1)) / 2).softmax(0)
+    assert torch.allclose(ds.teacher_probs(model, img)[0], want, atol=1e-6)
+    assert not torch.allclose(want, (lo[0].softmax(0) + lo[1].flip(-1).softmax(0)) / 2, atol=1e-4)
+    one = [ds.teacher_probs(model, img, scales=(s,)) for s in (1.0, 0.5)]
+    both = ds.teacher_probs(model, img, scales=(1.0, 0.5))
+    assert torch.allclose(both, ((one[0].log() + one[1].log()) / 2).softmax(1), atol=1e-5)
+    assert not torch.allclose(both, (one[0] + one[1]) / 2, atol=1e-4)
 
 
 def test_bn_images_must_not_be_negative(tmp_path, capsys):
@@ -208,23 +231,52 @@ def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_pa
     assert m["summary"]["rounds"][0]["student_init"]["spec"] == "warmup-full"
 
 
-def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(distill):
-    """The round's teacher labels are the flip-averaged argmax where its confidence is
-    above 0.95 (ProDA's threshold), 255 elsewhere; the round's summary reports the target
-    mIoU with the statistics of training and after re-estimating them (--bn-images)."""
+def test_student_init_teacher_starts_each_round_as_a_copy_of_its_teacher(distill, tmp_path):
+    """--student-init teacher: round 1's student is 05's network (head included), not 02's;
+    round 2's is round 1's student, the round-2 teacher."""
     data, work, _ = distill
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    ck = common.load_checkpoint(w / "05_selftrain" / "model.pt")     # make 05 differ from 02
+    ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
+    common.save_checkpoint(w / "05_selftrain" / "model.pt", **ck)
+    starts, real_loop = [], common.train_loop
+
+    def spy_loop(args, out_dir, model, *a, **kw):
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_loop(args, out_dir, model, *a, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "train_loop", spy_loop)
+        run_stage("06_distill", "--data", data, "--work", w, "--student-init", "teacher", "--no-stm",
+                  "--rounds", "2", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+                  "--crop", "64", "32", "--workers", "0")
+    warm = common.load_checkpoint(w / "02_warmup" / "model.pt")["model"]
+    round1 = common.load_checkpoint(w / "06_distill" / "round1" / "model.pt")["model"]
+    assert len(starts) == 2
+    for k, v in ck["model"].items():
+        assert torch.equal(starts[0][k], v), k
+        assert torch.equal(starts[1][k], round1[k]), k
+    floats = [k for k, v in warm.items() if v.is_floating_point()]
+    assert all(not torch.equal(starts[0][k], warm[k]) for k in floats)
+    m = json.loads((w / "06_distill" / "manifest.json").read_text())["summary"]
+    assert m["student_init"] == "teacher"
+    assert [r["student_init"]["path"] for r in m["rounds"]] == [
+        str(w / "05_selftrain" / "model.pt"), str(w / "06_distill" / "round1" / "model.pt")]
+
+
+def check_teacher_labels(data, work, scales, threshold):
+    """06's round-1 label files are the argmax of the teacher's logits averaged over
+    `scales` and the flip, 255 where the confidence is at or below `threshold`; the round
+    reports them as 03 does. Returns the share of pixels labelled."""
     m = json.loads((work / "06_distill" / "manifest.json").read_text())["summary"]
-    targets = common.target_train_items(data)
-    assert m["conf_threshold"] == 0.95 and m["bn_images"] == len(targets) == 2
+    assert m["conf_threshold"] == threshold
     r = m["rounds"][0]
-    assert isinstance(r["running_bn_target_miou"], float) and isinstance(r["target_miou"], float)
     teacher, _ = common.model_from_checkpoint(work / "05_selftrain" / "model.pt")
     kept = pixels = 0
-    for p, _ in targets:
-        img = common.image_tensor(p)
-        prob = ds.teacher_probs(teacher, img)
+    for p, _ in common.target_train_items(data):
+        prob = ds.teacher_probs(teacher, common.image_tensor(p), scales)
         conf, arg = prob.max(1)
-        want = np.where(conf[0].numpy() > 0.95, arg[0].numpy(), 255)
+        want = np.where(conf[0].numpy() > threshold, arg[0].numpy(), 255)
         got = np.array(Image.open(work / "06_distill" / "round1" / "labels" / common.item_name(p)))
         assert np.array_equal(got, want)
         kept += int((want != 255).sum())
@@ -234,6 +286,31 @@ def test_distill_labels_keep_confident_pixels_and_statistics_are_re_estimated(di
     assert r["labels"]["images_with_ground_truth"] == 2 and 0 <= r["labels"]["accuracy"] <= 1
     report = json.loads((work / "06_distill" / "round1" / "labels_report.json").read_text())
     assert report["pl_ratio"] == r["labels"]["pl_ratio"] and set(report["labelled_share"]) == set(common.CLASSES)
+    return kept / pixels
+
+
+def test_distill_labels_are_the_official_ones_and_statistics_are_re_estimated(distill):
+    """By default (the official inference.py) every pixel gets the argmax of the teacher's
+    logits averaged over scales 0.75, 1, 1.5 and the flip; the round's summary reports the
+    target mIoU with the statistics of training and after re-estimating them (--bn-images)."""
+    data, work, _ = distill
+    m = json.loads((work / "06_distill" / "manifest.json").read_text())
+    assert m["args"]["scales"] == [0.75, 1.0, 1.5] and m["summary"]["bn_images"] == 2
+    assert check_teacher_labels(data, work, (0.75, 1.0, 1.5), 0.0) == 1.0
+    r = m["summary"]["rounds"][0]
+    assert isinstance(r["running_bn_target_miou"], float) and isinstance(r["target_miou"], float)
+
+
+def test_distill_labels_with_prodas_threshold(distill, tmp_path):
+    """--conf-threshold 0.95 --scales 1 (ProDA's stages 2 and 3): 255 where the
+    flip-averaged confidence is at or below 0.95."""
+    data, work, _ = distill
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    run_stage("06_distill", "--data", data, "--work", w, "--student-init", "warmup-full", "--no-stm",
+              "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+              "--crop", "64", "32", "--workers", "0", "--conf-threshold", "0.95", "--scales", "1")
+    assert check_teacher_labels(data, w, (1.0,), 0.95) < 1.0
 
 
 @pytest.mark.parametrize("mode, want", [("target", [0.0, 0.1]), ("official", [0.1, 0.1])])
