@@ -171,9 +171,9 @@ def distill(warmup_work, toy_data, tmp_path_factory):
     return data, work, distill_recording_starts(data, work, "warmup")
 
 
-def distill_recording_starts(data, work, init):
-    """06 --student-init INIT, one round of one iteration; returns the student's state
-    dict as 06 hands it to training, per round."""
+def distill_recording_starts(data, work, init, rounds=1):
+    """06 --student-init INIT, `rounds` rounds of one iteration; returns the student's
+    state dict as 06 hands it to training, per round."""
     starts, real_loop = [], common.train_loop
 
     def spy_loop(args, out_dir, model, *a, **kw):
@@ -183,7 +183,7 @@ def distill_recording_starts(data, work, init):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "train_loop", spy_loop)
         run_stage("06_distill", "--data", data, "--work", work, "--student-init", init, "--no-stm",
-                  "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
+                  "--rounds", str(rounds), "--iters", "1", "--eval-every", "1", "--batch-size", "2",
                   "--crop", "64", "32", "--workers", "0", "--bn-images", "500")
     return starts
 
@@ -240,16 +240,7 @@ def test_student_init_teacher_starts_each_round_as_a_copy_of_its_teacher(distill
     ck = common.load_checkpoint(w / "05_selftrain" / "model.pt")     # make 05 differ from 02
     ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
     common.save_checkpoint(w / "05_selftrain" / "model.pt", **ck)
-    starts, real_loop = [], common.train_loop
-
-    def spy_loop(args, out_dir, model, *a, **kw):
-        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real_loop(args, out_dir, model, *a, **kw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "train_loop", spy_loop)
-        run_stage("06_distill", "--data", data, "--work", w, "--student-init", "teacher", "--no-stm",
-                  "--rounds", "2", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
-                  "--crop", "64", "32", "--workers", "0")
+    starts = distill_recording_starts(data, w, "teacher", rounds=2)
     warm = common.load_checkpoint(w / "02_warmup" / "model.pt")["model"]
     round1 = common.load_checkpoint(w / "06_distill" / "round1" / "model.pt")["model"]
     assert len(starts) == 2
