@@ -216,6 +216,14 @@ def test_student_init_warmup_refuses_another_backbone(distill):
     assert (work / "06_distill" / "model.pt").exists()
 
 
+def test_student_init_teacher_refuses_another_backbone(distill):
+    data, work, _ = distill
+    with pytest.raises(common.StageError, match="05's backbone is resnet18 but the student's is resnet34"):
+        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "teacher",
+                  "--backbone", "resnet34", "--no-stm", "--rounds", "1", "--iters", "1", "--workers", "0")
+    assert json.loads((work / "06_distill" / "manifest.json").read_text())["complete"]
+
+
 def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_path):
     """--student-init warmup-full: every tensor of 02's model, head included."""
     data, work, _ = distill
