@@ -206,22 +206,15 @@ def test_student_init_warmup_takes_the_warmup_backbone_and_a_fresh_head(distill)
     assert m["args"]["warmup_iters"] == common.official_fraction(1, 400) == 1   # resolved, recorded
 
 
-def test_student_init_warmup_refuses_another_backbone(distill):
+@pytest.mark.parametrize("init, source", [("warmup", "02"), ("teacher", "05")])
+def test_student_init_refuses_another_backbone(distill, init, source):
     data, work, _ = distill
-    with pytest.raises(common.StageError, match="02's backbone is resnet18 but the student's is resnet34"):
-        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "warmup",
+    with pytest.raises(common.StageError, match=f"{source}'s backbone is resnet18 but the student's is resnet34"):
+        run_stage("06_distill", "--data", data, "--work", work, "--student-init", init,
                   "--backbone", "resnet34", "--no-stm", "--rounds", "1", "--iters", "1", "--workers", "0")
     # refused before anything was touched: the finished run is still there
     assert json.loads((work / "06_distill" / "manifest.json").read_text())["complete"]
     assert (work / "06_distill" / "model.pt").exists()
-
-
-def test_student_init_teacher_refuses_another_backbone(distill):
-    data, work, _ = distill
-    with pytest.raises(common.StageError, match="05's backbone is resnet18 but the student's is resnet34"):
-        run_stage("06_distill", "--data", data, "--work", work, "--student-init", "teacher",
-                  "--backbone", "resnet34", "--no-stm", "--rounds", "1", "--iters", "1", "--workers", "0")
-    assert json.loads((work / "06_distill" / "manifest.json").read_text())["complete"]
 
 
 def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_path):
