@@ -171,9 +171,16 @@ def distill(warmup_work, toy_data, tmp_path_factory):
     return data, work, distill_recording_starts(data, work, "warmup")
 
 
-def distill_recording_starts(data, work, init, rounds=1):
-    """06 --student-init INIT, `rounds` rounds of one iteration; returns the student's
-    state dict as 06 hands it to training, per round."""
+def upstream_copy(work, tmp_path):
+    """A copy of the fixture's work folder without its 06 run, for a 06 run of its own."""
+    w = tmp_path / "work"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    return w
+
+
+def distill_recording_starts(data, work, init, *extra, rounds=1):
+    """06 --student-init INIT (and `extra` flags), `rounds` rounds of one iteration; returns
+    the student's state dict as 06 hands it to training, per round."""
     starts, real_loop = [], common.train_loop
 
     def spy_loop(args, out_dir, model, *a, **kw):
@@ -184,7 +191,7 @@ def distill_recording_starts(data, work, init, rounds=1):
         mp.setattr(common, "train_loop", spy_loop)
         run_stage("06_distill", "--data", data, "--work", work, "--student-init", init, "--no-stm",
                   "--rounds", str(rounds), "--iters", "1", "--eval-every", "1", "--batch-size", "2",
-                  "--crop", "64", "32", "--workers", "0", "--bn-images", "500")
+                  "--crop", "64", "32", "--workers", "0", "--bn-images", "500", *extra)
     return starts
 
 
@@ -220,8 +227,7 @@ def test_student_init_refuses_another_backbone(distill, init, source):
 def test_student_init_warmup_full_takes_the_whole_warmup_network(distill, tmp_path):
     """--student-init warmup-full: every tensor of 02's model, head included."""
     data, work, _ = distill
-    w = tmp_path / "work"
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    w = upstream_copy(work, tmp_path)
     starts = distill_recording_starts(data, w, "warmup-full")
     warm = common.load_checkpoint(w / "02_warmup" / "model.pt")["model"]
     assert len(starts) == 1 and starts[0].keys() == warm.keys()
@@ -236,8 +242,7 @@ def test_student_init_teacher_starts_each_round_as_a_copy_of_its_teacher(distill
     """--student-init teacher: round 1's student is 05's network (head included), not 02's;
     round 2's is round 1's student, the round-2 teacher."""
     data, work, _ = distill
-    w = tmp_path / "work"
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    w = upstream_copy(work, tmp_path)
     ck = common.load_checkpoint(w / "05_selftrain" / "model.pt")     # make 05 differ from 02
     ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
     common.save_checkpoint(w / "05_selftrain" / "model.pt", **ck)
@@ -297,11 +302,8 @@ def test_distill_labels_with_prodas_threshold(distill, tmp_path):
     """--conf-threshold 0.95 --scales 1 (ProDA's stages 2 and 3): 255 where the
     flip-averaged confidence is at or below 0.95."""
     data, work, _ = distill
-    w = tmp_path / "work"
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
-    run_stage("06_distill", "--data", data, "--work", w, "--student-init", "warmup-full", "--no-stm",
-              "--rounds", "1", "--iters", "1", "--eval-every", "1", "--batch-size", "2",
-              "--crop", "64", "32", "--workers", "0", "--conf-threshold", "0.95", "--scales", "1")
+    w = upstream_copy(work, tmp_path)
+    distill_recording_starts(data, w, "warmup-full", "--conf-threshold", "0.95", "--scales", "1")
     assert check_teacher_labels(data, w, (1.0,), 0.95) < 1.0
 
 
@@ -312,8 +314,7 @@ def test_only_the_target_forward_moves_the_students_running_statistics(distill, 
     so the saved student's statistics are the target's, not a blend of the two domains;
     'official' lets both forwards update them. One iteration: source, then target."""
     data, work, _ = distill
-    w = tmp_path / "work"
-    shutil.copytree(work, w, ignore=shutil.ignore_patterns("06_*"))
+    w = upstream_copy(work, tmp_path)
     seen, real_loop = [], common.train_loop
 
     def spy_loop(args, out_dir, model, *a, **kw):
