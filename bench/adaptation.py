@@ -18,6 +18,10 @@ and on the same 01-04 artifacts:
   - Table 3 / 5: 03 with --pla centroid (CAs-PLA) and --pla confidence (IAS-like) at the
     same pseudo-label ratio as MAPs, the accuracy and mIoU of each set of pseudo labels
     against the (toy) target ground truth, and 05 trained on each (Table 3's measure);
+  - 06 variants: 06 on ProDA's labels (--conf-threshold 0.95 --scales 1) and 06 with its
+    student started as a copy of its teacher (--student-init teacher);
+  - training-seed noise: 05 and 06 again with the stage seeds seed + 10 and seed + 20 on the
+    same data and upstream runs, the run-to-run spread that stage differences are read against;
   - which classes the target terms teach: the share of each class's target training
     pixels that 03's labels (05's) and 06's round-1 teacher labels label correctly.
 It prints per-seed target mIoU (toy Cityscapes val) of 02, 05 (student and EMA teacher)
@@ -184,7 +188,9 @@ def warmup_with_target_bn(work, data):
 ROWS = {"oracle": "02's recipe on the target ground truth",
         "table4": "05 without STM, without consistency",
         "labels": "05 on the ground truth, on the ground truth at 03's pixels, on 02's argmax at 03's pixels",
-        "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them"}
+        "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them",
+        "distill": "06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 --student-init teacher",
+        "noise": "05 and 06 again with stage seeds seed + 10, seed + 20 (same data and upstream)"}
 
 
 def mean_sd(xs):
@@ -277,6 +283,30 @@ def main(argv=None):
                 row["pl_warmup_on_mask"] = LabelTally.of_folder(
                     target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
                     target_ground_truth(data)).report("gta5")["accuracy"]
+            # ---- 06 on the same 01-05 with other labels or another start: ProDA's labels
+            # (confidence > 0.95, one scale), and the student started as a copy of its
+            # teacher (tells whether 06's objective or the student's start holds it back) ----
+            for name, changes in (("proda_labels", (("--conf-threshold", 0.95), ("--scales", 1))),
+                                  ("teacher_init", (("--student-init", "teacher"),))) * ("distill" in a.rows):
+                w = base / f"work_06_{name}"
+                link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain"))
+                f6 = flags("06_distill", a.small)
+                for flag, value in changes:
+                    f6 = with_flag(f6, flag, value)
+                row[f"06_{name}"] = stage("06_distill", w, args=f6)["target_miou"]
+            # ---- training-seed noise: 05 and 06 again with stage seeds seed + 10 and seed + 20
+            # (same data, same upstream runs; 06 from the bench's own 05), so that a difference
+            # between stages can be read against the run-to-run spread of each ----
+            if "noise" in a.rows:
+                row["noise_seeds"] = [seed, seed + 10, seed + 20]
+                row["05_noise"], row["06_noise"] = [row["05"]], [row["06"][-1]]
+                for ts in row["noise_seeds"][1:]:
+                    w = base / f"work_05_seed{ts}"
+                    link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
+                    row["05_noise"].append(stage("05_selftrain", w, "--seed", ts)["target_miou"])
+                    w = base / f"work_06_seed{ts}"
+                    link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain"))
+                    row["06_noise"].append(stage("06_distill", w, "--seed", ts)["target_miou"])
             # ---- Table 3 / 5: centroid (CAs-PLA) and confidence (IAS-like) pseudo labels at
             # the MAPs ratio, then 04 and 05 on them as on MAPs' (Table 3 is 05's mIoU) ----
             for pla in ("centroid", "confidence") * ("table3" in a.rows):
@@ -373,6 +403,24 @@ def main(argv=None):
             if accs:
                 print("  label accuracy on 03's pixels, MAPs vs 02's argmax: "
                       + ", ".join(f"{x:.1f} vs {y:.1f}" for x, y in accs))
+    if "distill" in a.rows and not a.no_ablations:
+        print(f"\n06 variants on the same 01-05 (round {n6}, target mIoU %): the demo's 06 (official "
+              "labels: every pixel, 3 scales + flip), ProDA's labels (confidence > 0.95, one scale), "
+              "the student started as a copy of its teacher (official labels)")
+        print(f"{'seed':>7} {'05':>7} {'06':>7} {'ProDA':>7} {'s=t':>7}")
+        v6 = [[r["05"], r["06"][-1], r.get("06_proda_labels"), r.get("06_teacher_init")] for r in rows]
+        for r, v in zip(rows, v6):
+            print(f"{r['seed']:>7} " + " ".join(f"{fmt(x):>7}" for x in v))
+        print(f"{'mean':>7} " + " ".join(f"{fmt(mean_sd(c)[0]):>7}" for c in zip(*v6)))
+    if "noise" in a.rows and not a.no_ablations:
+        print("\nTraining-seed noise (same data and upstream runs; 06 from the bench's 05), target mIoU %:")
+        for r in rows:
+            (m5, s5), (m6, s6) = mean_sd(r["05_noise"]), mean_sd(r["06_noise"])
+            seeds = "/".join(map(str, r["noise_seeds"]))
+            print(f"  seed {r['seed']} (stage seeds {seeds}): "
+                  f"05 {' '.join(f'{x:.1f}' for x in r['05_noise'])} ({m5:.1f} +- {s5:.1f}); "
+                  f"06 {' '.join(f'{x:.1f}' for x in r['06_noise'])} ({m6:.1f} +- {s6:.1f}); "
+                  f"05 - 02 {m5 - r['02']:+.1f}, 06 - 05 {m6 - r['05']:+.1f}")
     print("\nShare of each class's target training pixels that the pseudo labels label correctly "
           "(%, mean over seeds):\n  05 learns from 03's MAPs labels, 06 from its teacher's (round 1)")
     print("  " + " ".join(f"{c[:5]:>5}" for c in CLASSES))

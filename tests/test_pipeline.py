@@ -221,3 +221,45 @@ def test_label_rows_keep_03s_pixels_with_the_truth_or_02s_argmax(pipeline, tmp_p
     assert {f.name: f.read_bytes() for f in (src / "labels").iterdir()} == before
     for k, marker in (("gt", "ground_truth_on_mask.txt"), ("arg", "warmup_argmax_on_mask.txt")):
         assert (tmp_path / k / "03_maps" / marker).exists()
+
+
+def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(pipeline, tmp_path):
+    """bench/adaptation.py --rows distill noise on a finished small pipeline: every variant
+    runs in its own work folder on the pipeline's own upstream runs (same run ids), with
+    only the flags the row names changed, and the report prints what the manifests hold."""
+    d, _ = pipeline
+    seed_dir = tmp_path / "out" / "seed0"
+    seed_dir.mkdir(parents=True)
+    (seed_dir / "data").symlink_to(d / "data", target_is_directory=True)   # read only
+    shutil.copytree(d / "work", seed_dir / "work")                         # the bench resumes it
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "adaptation.py"), "--small", "--seeds", "0",
+                          "--rows", "distill", "noise", "--out", str(tmp_path / "out")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    row = json.loads((tmp_path / "out" / "results.json").read_text())[0]
+
+    def m(folder, stage):
+        return json.loads((seed_dir / folder / stage / "manifest.json").read_text())
+    main5, main6 = m("work", "05_selftrain"), m("work", "06_distill")
+    # the distillation variants: 05 is the pipeline's, only the named flags differ
+    proda, same = m("work_06_proda_labels", "06_distill"), m("work_06_teacher_init", "06_distill")
+    assert proda["upstream"]["05_selftrain"] == same["upstream"]["05_selftrain"] == main5["run_id"]
+    assert (proda["args"]["conf_threshold"], proda["args"]["scales"]) == (0.95, [1.0])
+    assert (same["args"]["student_init"], same["args"]["conf_threshold"]) == ("teacher", 0.0)
+    diff = {k for k in main6["args"] if main6["args"][k] != proda["args"][k]}
+    assert diff == {"work", "conf_threshold", "scales"}, diff
+    assert row["06_proda_labels"] == proda["summary"]["target_miou"]
+    assert row["06_teacher_init"] == same["summary"]["target_miou"]
+    # the noise rows: 05 and 06 with other stage seeds on the same upstream runs
+    assert row["noise_seeds"] == [0, 10, 20]
+    assert row["05_noise"][0] == main5["summary"]["target_miou"]
+    assert row["06_noise"][0] == main6["summary"]["target_miou"]
+    for k, ts in enumerate((10, 20), 1):
+        r5, r6 = m(f"work_05_seed{ts}", "05_selftrain"), m(f"work_06_seed{ts}", "06_distill")
+        assert r5["args"]["seed"] == r6["args"]["seed"] == ts
+        assert r5["upstream"] == main5["upstream"]
+        assert r6["upstream"]["05_selftrain"] == main5["run_id"]
+        assert (row["05_noise"][k], row["06_noise"][k]) == (r5["summary"]["target_miou"],
+                                                            r6["summary"]["target_miou"])
+    assert "06 variants on the same 01-05" in out.stdout
+    assert f"05 {' '.join(f'{x:.1f}' for x in row['05_noise'])}" in out.stdout
