@@ -1414,6 +1414,7 @@ class Stage:
         self.t0 = time.time()
         self.rank = get_rank()
         self.run_id = None   # set by begin() on rank 0 (finish() is rank 0's): kept on resume
+        self.earlier = {}    # a resumed finished run's manifest: its time and first finish carry over
 
     def resume_key(self):
         skip = {"device", "workers", "eval_every", "log_every", "resume", "debug", "check_images"}
@@ -1496,6 +1497,8 @@ class Stage:
                 self.dir.mkdir()
             for p in self.dir.iterdir():
                 remove_tree(p)
+        # resuming a finished run: its work time and first finish stay in the new manifest
+        self.earlier = (self.finished_manifest() or {}) if resuming else {}
         (self.dir / "manifest.json").unlink(missing_ok=True)
         for p in self.dir.rglob(".tmp-*"):
             p.unlink()
@@ -1574,11 +1577,16 @@ class Stage:
     def finish(self, summary, **extra):
         if self.rank != 0:
             return None
+        t = now()
         m = {"stage": self.name, "complete": True, "run_id": self.run_id,
              "args": vars(self.args), "inputs": self.inputs,
              "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
-             "code_revision": code_revision(), "finished": now(),
-             "wall_time_s": round(time.time() - self.t0, 1), "summary": summary}
+             "code_revision": code_revision(), "finished": t,
+             "first_finished": self.earlier.get("first_finished", self.earlier.get("finished", t)),
+             # seconds of every invocation of this run that reached the end (a resumed finished
+             # run adds its resume to the time of the work; an interrupted invocation is not counted)
+             "wall_time_s": round(float(self.earlier.get("wall_time_s", 0)) + time.time() - self.t0, 1),
+             "summary": summary}
         m.update(extra)
         save_json(self.dir / "manifest.json", m)
         remove_tree(self.previous)                 # the run it replaces, now that this one is done

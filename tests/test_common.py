@@ -322,6 +322,26 @@ def test_rerunning_a_finished_stage_keeps_its_run_id_and_later_stages_valid(tmp_
     assert other.begin() is False and other.finish({})["run_id"] != first_id
 
 
+def test_resuming_a_finished_run_keeps_its_work_time_and_first_finish(tmp_path):
+    """A finished stage rerun with the same arguments (it resumes in seconds) must not
+    report the resume as the time of the work: its manifest adds the resume to the
+    earlier time and keeps the first finish; a new run starts its own count."""
+    first = _finished_run(tmp_path, "02_warmup", lr=0.1)
+    first.t0 -= 1000.0                                       # as if training took 1000 s
+    m1 = first.finish({"miou": 1.0})
+    assert m1["wall_time_s"] >= 1000.0 and m1["first_finished"] == m1["finished"]
+    again = common.Stage(Namespace(work=str(tmp_path), lr=0.1), "02_warmup")
+    assert again.begin() is True
+    again.t0 -= 5.0                                          # the resume took 5 s
+    m2 = again.finish({"miou": 1.0})
+    assert m1["wall_time_s"] + 5.0 <= m2["wall_time_s"] < m1["wall_time_s"] + 60.0
+    assert m2["first_finished"] == m1["finished"]
+    other = common.Stage(Namespace(work=str(tmp_path), lr=0.2), "02_warmup")
+    assert other.begin() is False
+    m3 = other.finish({"miou": 2.0})
+    assert m3["wall_time_s"] < 60.0 and m3["first_finished"] == m3["finished"]
+
+
 def test_an_unfinished_run_that_wrote_nothing_is_cleared(tmp_path):
     """A run stopped before it wrote anything but run.json (or only a temporary file) holds
     nothing to lose: other arguments simply start afresh."""
