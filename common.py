@@ -1385,6 +1385,24 @@ def code_revision():
     return None
 
 
+def environment():
+    """What a run's figures depend on besides its arguments and data (README,
+    "Reproducibility"): library versions, the CPU, the instruction set torch's CPU kernels
+    were dispatched to, the thread count, and the GPU when CUDA is used. The same seed on
+    another CPU kind or thread count trains to other weights."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def items_digest(items):
     """A short fingerprint of an ordered list of files (their names), to detect stale inputs."""
     h = hashlib.sha1()
@@ -1582,6 +1600,8 @@ class Stage:
              "args": vars(self.args), "inputs": self.inputs,
              "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
              "code_revision": code_revision(), "finished": t,
+             # the environment that made the figures: a resumed finished run keeps its own
+             "environment": self.earlier.get("environment") or environment(),
              "first_finished": self.earlier.get("first_finished", self.earlier.get("finished", t)),
              # seconds of every invocation of this run that reached the end (a resumed finished
              # run adds its resume to the time of the work; an interrupted invocation is not counted)

@@ -239,7 +239,9 @@ def main(argv=None):
                "05": manifest(work, "05_selftrain")["summary"]["target_miou"],
                "05_running_bn": manifest(work, "05_selftrain")["summary"].get("running_bn_target_miou"),
                "05_teacher": manifest(work, "05_selftrain")["summary"].get("teacher_target_miou"),
-               "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]]}
+               "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]],
+               # what the figures depend on besides the seed (README, "Reproducibility")
+               "environment": manifest(work, "02_warmup").get("environment")}
         s3 = manifest(work, "03_maps")["summary"]
         row["pl_maps"] = {"ratio": s3.get("pl_ratio"), "accuracy": s3.get("accuracy"), "miou": s3.get("miou")}
         # which classes the target terms of 05 (03's labels) and 06 (its teacher's) teach
@@ -333,6 +335,11 @@ def main(argv=None):
     print(f"BiSMAP toy adaptation over seeds {a.seeds} (target: toy Cityscapes val, mIoU %), "
           f"{time.time() - t0:.0f} s")
     print("=" * 78)
+    for env in {json.dumps(r.get("environment"), sort_keys=True) for r in rows}:
+        e = json.loads(env)
+        print("warm-up run on: " + ("(not recorded)" if not e else
+                                    f"{e['cpu']} ({e['cpu_capability']}), {e['threads']} thread(s), "
+                                    f"torch {e['torch']}" + (f", {e['cuda']}" if e.get("cuda") else "")))
     print(" ".join(f"{h:>7}" for h in head))
     cols = {h: [] for h in head[1:]}
     for r in rows:

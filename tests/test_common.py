@@ -322,7 +322,7 @@ def test_rerunning_a_finished_stage_keeps_its_run_id_and_later_stages_valid(tmp_
     assert other.begin() is False and other.finish({})["run_id"] != first_id
 
 
-def test_resuming_a_finished_run_keeps_its_work_time_and_first_finish(tmp_path):
+def test_resuming_a_finished_run_keeps_its_work_time_first_finish_and_environment(tmp_path):
     """A finished stage rerun with the same arguments (it resumes in seconds) must not
     report the resume as the time of the work: its manifest adds the resume to the
     earlier time and keeps the first finish; a new run starts its own count."""
@@ -330,16 +330,30 @@ def test_resuming_a_finished_run_keeps_its_work_time_and_first_finish(tmp_path):
     first.t0 -= 1000.0                                       # as if training took 1000 s
     m1 = first.finish({"miou": 1.0})
     assert m1["wall_time_s"] >= 1000.0 and m1["first_finished"] == m1["finished"]
+    # (trained on another machine: the resume keeps the environment that made the figures)
+    common.save_json(first.dir / "manifest.json", {**m1, "environment": {"cpu": "elsewhere"}})
     again = common.Stage(Namespace(work=str(tmp_path), lr=0.1), "02_warmup")
     assert again.begin() is True
     again.t0 -= 5.0                                          # the resume took 5 s
     m2 = again.finish({"miou": 1.0})
     assert m1["wall_time_s"] + 5.0 <= m2["wall_time_s"] < m1["wall_time_s"] + 60.0
-    assert m2["first_finished"] == m1["finished"]
+    assert m2["first_finished"] == m1["finished"] and m2["environment"] == {"cpu": "elsewhere"}
     other = common.Stage(Namespace(work=str(tmp_path), lr=0.2), "02_warmup")
     assert other.begin() is False
     m3 = other.finish({"miou": 2.0})
     assert m3["wall_time_s"] < 60.0 and m3["first_finished"] == m3["finished"]
+    assert m3["environment"] == common.environment()
+
+
+def test_manifest_records_the_environment_the_figures_depend_on(tmp_path):
+    """The same seed trains to other weights on another CPU kind or thread count, so every
+    manifest says which ones made it."""
+    env = _finished_run(tmp_path, "02_warmup", lr=0.1).finish({})["environment"]
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+    assert env["threads"] == torch.get_num_threads() >= 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
+    assert env["cuda"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    assert common.read_manifest(tmp_path, "02_warmup")["environment"] == env
 
 
 def test_an_unfinished_run_that_wrote_nothing_is_cleared(tmp_path):

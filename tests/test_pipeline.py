@@ -262,4 +262,6 @@ def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(p
         assert (row["05_noise"][k], row["06_noise"][k]) == (r5["summary"]["target_miou"],
                                                             r6["summary"]["target_miou"])
     assert "06 variants on the same 01-05" in out.stdout
+    env = main5["environment"]   # where the figures were made (the same machine for every stage here)
+    assert f"warm-up run on: {env['cpu']} ({env['cpu_capability']}), {env['threads']} thread(s)" in out.stdout
     assert f"05 {' '.join(f'{x:.1f}' for x in row['05_noise'])}" in out.stdout
