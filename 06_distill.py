@@ -37,7 +37,7 @@ Toy data (CPU):
   `warmup-full`, its teacher at 29.0: a fresh head does not catch up in 200 iterations.
   `teacher` starts the student as a copy of its teacher, a diagnostic, not the paper's
   stage: it tells whether 06's objective or the student's start is what holds 06 back;
-  on seeds 0 / 1 of the toy data it ended at 41.5 / 34.8 against 05's 41.4 / 38.2.)
+  `python bench/adaptation.py --rows distill` measures it on every seed, README "Does it adapt?".)
 
 Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101
 (r101_1x_sk0, a TensorFlow checkpoint of google-research/simclr). --student-init PATH takes

@@ -46,8 +46,9 @@ def configs(small):
     - 03 --bn-images 500: E normalises the stylized source and the target features each with
       statistics re-estimated on whole images of that domain (the default 0 is the official
       eval-mode warm-up, the features delta = 100 was chosen on; with the threshold set by
-      --target-ratio no paper value changes meaning). On seed 0 of the toy data: labels
-      81.1% accurate (0: 84.3%), 05 41.4 (0: 39.2).
+      --target-ratio no paper value changes meaning). On seed 0 of the toy data (commit
+      10804a2, another machine of this project): labels 81.1% accurate (0: 84.3%), 05 41.4
+      (0: 39.2).
     - 04's E-hat is a random resnet18 at twice the image size (no pre-trained encoder).
     - 06 --student-init warmup-full: no SimCLRv2 weights exist for the toy data, so the
       student starts from the warm-up's source-trained network (with 02's backbone and a
