@@ -7,8 +7,9 @@ Each round r = 1..R:
      (0.75, 1, 1.5) and a horizontal flip, every pixel labelled: the official code's
      inference.py, which makes 06's labels (its colorize_save is called with threshold=0).
      --conf-threshold 0.95 --scales 1 is ProDA's stages 2 and 3 instead (255 where the
-     confidence is at or below 0.95); on three seeds of the toy data it gave a 06 1.3-1.7
-     mIoU above the official labels' (README "Does it adapt?");
+     confidence is at or below 0.95); on three seeds of the toy data it gave a 06 0.4-1.8
+     mIoU above the official labels' (bench/adaptation.py --rows distill; README "Does it
+     adapt?");
   2. a new student (started from --student-init) is trained with
         L = L_ce (Eq. (10), STM-weighted source)  +  L_sce (Eq. (11), teacher pseudo labels)
             + --kd-weight * KL(p_teacher || p_student)   on the same target crop,
