@@ -1385,11 +1385,12 @@ def code_revision():
     return None
 
 
-def environment():
+def environment(device=None):
     """What a run's figures depend on besides its arguments and data (README,
     "Reproducibility"): library versions, the CPU, the instruction set torch's CPU kernels
-    were dispatched to, the thread count, and the GPU when CUDA is used. The same seed on
-    another CPU kind or thread count trains to other weights."""
+    were dispatched to, the thread count, and the GPU when the run used one (device: the
+    stage's --device, None = pick_device's default). The same seed on another CPU kind or
+    thread count trains to other weights."""
     import platform
     cpu = platform.processor() or platform.machine()
     try:
@@ -1400,7 +1401,7 @@ def environment():
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(dev) if (dev := pick_device(device)).type == "cuda" else None}
 
 
 def items_digest(items):
@@ -1601,7 +1602,7 @@ class Stage:
              "upstream": {k: v.get("run_id") for k, v in self.upstream.items()},
              "code_revision": code_revision(), "finished": t,
              # the environment that made the figures: a resumed finished run keeps its own
-             "environment": self.earlier.get("environment") or environment(),
+             "environment": self.earlier.get("environment") or environment(getattr(self.args, "device", None)),
              "first_finished": self.earlier.get("first_finished", self.earlier.get("finished", t)),
              # seconds of every invocation of this run that reached the end (a resumed finished
              # run adds its resume to the time of the work; an interrupted invocation is not counted)

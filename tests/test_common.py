@@ -353,6 +353,7 @@ def test_manifest_records_the_environment_the_figures_depend_on(tmp_path):
     assert env["threads"] == torch.get_num_threads() >= 1
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     assert env["cuda"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    assert common.environment("cpu")["cuda"] is None       # a CPU run on a GPU machine names no GPU
     assert common.read_manifest(tmp_path, "02_warmup")["environment"] == env
 
 
