@@ -78,6 +78,10 @@ def labelled_share(data, label_dir):
     return tally.report("gta5")["labelled_share"]
 
 
+UPSTREAM_05 = ("01_stylize", "02_warmup", "03_maps", "04_stm")    # what 05 is made from
+UPSTREAM_06 = UPSTREAM_05 + ("05_selftrain",)                     # what 06 is made from
+
+
 def link_upstream(src, dst, stages):
     """A work folder for an ablation that shares the finished upstream stages of `src`."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,7 @@ def main(argv=None):
             # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
             for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")) * ("table4" in a.rows):
                 w = base / f"work_{name}"
-                link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
+                link_upstream(work, w, UPSTREAM_05)
                 row[f"05_{name}"] = stage("05_selftrain", w, flag)["target_miou"]
             # ---- 05 on other target labels (same 01, 02, 04): the ground truth on every
             # pixel (the ceiling of 05's target term), the ground truth on 03's pixels only
@@ -291,7 +295,7 @@ def main(argv=None):
             for name, changes in (("proda_labels", (("--conf-threshold", 0.95), ("--scales", 1))),
                                   ("teacher_init", (("--student-init", "teacher"),))) * ("distill" in a.rows):
                 w = base / f"work_06_{name}"
-                link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain"))
+                link_upstream(work, w, UPSTREAM_06)
                 f6 = flags("06_distill", a.small)
                 for flag, value in changes:
                     f6 = with_flag(f6, flag, value)
@@ -304,10 +308,10 @@ def main(argv=None):
                 row["05_noise"], row["06_noise"] = [row["05"]], [row["06"][-1]]
                 for ts in row["noise_seeds"][1:]:
                     w = base / f"work_05_seed{ts}"
-                    link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm"))
+                    link_upstream(work, w, UPSTREAM_05)
                     row["05_noise"].append(stage("05_selftrain", w, "--seed", ts)["target_miou"])
                     w = base / f"work_06_seed{ts}"
-                    link_upstream(work, w, ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain"))
+                    link_upstream(work, w, UPSTREAM_06)
                     row["06_noise"].append(stage("06_distill", w, "--seed", ts)["target_miou"])
             # ---- Table 3 / 5: centroid (CAs-PLA) and confidence (IAS-like) pseudo labels at
             # the MAPs ratio, then 04 and 05 on them as on MAPs' (Table 3 is 05's mIoU) ----
