@@ -18,8 +18,10 @@ and on the same 01-04 artifacts:
   - Table 3 / 5: 03 with --pla centroid (CAs-PLA) and --pla confidence (IAS-like) at the
     same pseudo-label ratio as MAPs, the accuracy and mIoU of each set of pseudo labels
     against the (toy) target ground truth, and 05 trained on each (Table 3's measure);
-  - 06 variants: 06 on ProDA's labels (--conf-threshold 0.95 --scales 1) and 06 with its
-    student started as a copy of its teacher (--student-init teacher);
+  - 06 variants: 06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 with its
+    student started as a copy of its teacher (--student-init teacher), and that student
+    without the teacher's hard labels (--alpha 0 --beta 0: Eq. (11) off, the source term and
+    the distillation term kept), which isolates what the hard labels do;
   - training-seed noise: 05 and 06 again with the stage seeds seed + 10 and seed + 20 on the
     same data and upstream runs, the run-to-run spread that stage differences are read against;
   - which classes the target terms teach: the share of each class's target training
@@ -193,7 +195,8 @@ ROWS = {"oracle": "02's recipe on the target ground truth",
         "table4": "05 without STM, without consistency",
         "labels": "05 on the ground truth, on the ground truth at 03's pixels, on 02's argmax at 03's pixels",
         "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them",
-        "distill": "06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 --student-init teacher",
+        "distill": "06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 --student-init teacher, "
+                   "the same without the hard labels (--alpha 0 --beta 0)",
         "noise": "05 and 06 again with stage seeds seed + 10, seed + 20 (same data and upstream)"}
 
 
@@ -293,7 +296,9 @@ def main(argv=None):
             # (confidence > 0.95, one scale), and the student started as a copy of its
             # teacher (tells whether 06's objective or the student's start holds it back) ----
             for name, changes in (("proda_labels", (("--conf-threshold", 0.95), ("--scales", 1))),
-                                  ("teacher_init", (("--student-init", "teacher"),))) * ("distill" in a.rows):
+                                  ("teacher_init", (("--student-init", "teacher"),)),
+                                  ("teacher_init_no_labels", (("--student-init", "teacher"), ("--alpha", 0),
+                                                              ("--beta", 0)))) * ("distill" in a.rows):
                 w = base / f"work_06_{name}"
                 link_upstream(work, w, UPSTREAM_06)
                 f6 = flags("06_distill", a.small)
@@ -417,9 +422,11 @@ def main(argv=None):
     if "distill" in a.rows and not a.no_ablations:
         print(f"\n06 variants on the same 01-05 (round {n6}, target mIoU %): the demo's 06 (official "
               "labels: every pixel, 3 scales + flip), ProDA's labels (confidence > 0.95, one scale), "
-              "the student started as a copy of its teacher (official labels)")
-        print(f"{'seed':>7} {'05':>7} {'06':>7} {'ProDA':>7} {'s=t':>7}")
-        v6 = [[r["05"], r["06"][-1], r.get("06_proda_labels"), r.get("06_teacher_init")] for r in rows]
+              "the student started as a copy of its teacher (official labels), and that student "
+              "without the hard labels (Eq. (11) off: source and distillation terms only)")
+        print(f"{'seed':>7} {'05':>7} {'06':>7} {'ProDA':>7} {'s=t':>7} {'s=t -PL':>7}")
+        v6 = [[r["05"], r["06"][-1], r.get("06_proda_labels"), r.get("06_teacher_init"),
+               r.get("06_teacher_init_no_labels")] for r in rows]
         for r, v in zip(rows, v6):
             print(f"{r['seed']:>7} " + " ".join(f"{fmt(x):>7}" for x in v))
         print(f"{'mean':>7} " + " ".join(f"{fmt(mean_sd(c)[0]):>7}" for c in zip(*v6)))

@@ -250,6 +250,12 @@ def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(p
     assert diff == {"work", "conf_threshold", "scales"}, diff
     assert row["06_proda_labels"] == proda["summary"]["target_miou"]
     assert row["06_teacher_init"] == same["summary"]["target_miou"]
+    # the same student without the hard labels: Eq. (11) off, nothing else changed
+    nolab = m("work_06_teacher_init_no_labels", "06_distill")
+    assert nolab["upstream"]["05_selftrain"] == main5["run_id"]
+    assert {k for k in same["args"] if same["args"][k] != nolab["args"][k]} == {"work", "alpha", "beta"}
+    assert (nolab["args"]["alpha"], nolab["args"]["beta"]) == (0.0, 0.0)
+    assert row["06_teacher_init_no_labels"] == nolab["summary"]["target_miou"]
     # the noise rows: 05 and 06 with other stage seeds on the same upstream runs
     assert row["noise_seeds"] == [0, 10, 20]
     assert row["05_noise"][0] == main5["summary"]["target_miou"]
