@@ -37,8 +37,9 @@ Toy data (CPU):
   `warmup` (02's backbone, a fresh head) one toy run ended at 23.0 mIoU against 27.3 for
   `warmup-full`, its teacher at 29.0: a fresh head does not catch up in 200 iterations.
   `teacher` starts the student as a copy of its teacher, a diagnostic, not the paper's
-  stage: it tells whether 06's objective or the student's start is what holds 06 back;
-  `python bench/adaptation.py --rows distill` measures it on every seed, README "Does it adapt?".)
+  stage: it tells whether 06's objective or the student's start is what holds 06 back, and
+  with --alpha 0 --beta 0 (Eq. (11) off) what the teacher's hard labels do;
+  `python bench/adaptation.py --rows distill` measures both on every seed, README "Does it adapt?".)
 
 Student weights: the paper and ProDA start the student from a SimCLRv2 ResNet-101
 (r101_1x_sk0, a TensorFlow checkpoint of google-research/simclr). --student-init PATH takes
