@@ -293,12 +293,14 @@ def main(argv=None):
                     target_train_items(data), base / "work_warmup_on_mask" / "03_maps" / "labels",
                     target_ground_truth(data)).report("gta5")["accuracy"]
             # ---- 06 on the same 01-05 with other labels or another start: ProDA's labels
-            # (confidence > 0.95, one scale), and the student started as a copy of its
-            # teacher (tells whether 06's objective or the student's start holds it back) ----
+            # (confidence > 0.95, one scale), the student started as a copy of its teacher
+            # (tells whether 06's objective or the student's start holds it back), and that
+            # student without Eq. (11) (tells what the teacher's hard labels do) ----
+            as_teacher = (("--student-init", "teacher"),)
             for name, changes in (("proda_labels", (("--conf-threshold", 0.95), ("--scales", 1))),
-                                  ("teacher_init", (("--student-init", "teacher"),)),
-                                  ("teacher_init_no_labels", (("--student-init", "teacher"), ("--alpha", 0),
-                                                              ("--beta", 0)))) * ("distill" in a.rows):
+                                  ("teacher_init", as_teacher),
+                                  ("teacher_init_no_labels", as_teacher + (("--alpha", 0), ("--beta", 0)))
+                                  ) * ("distill" in a.rows):
                 w = base / f"work_06_{name}"
                 link_upstream(work, w, UPSTREAM_06)
                 f6 = flags("06_distill", a.small)

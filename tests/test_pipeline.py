@@ -240,20 +240,23 @@ def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(p
 
     def m(folder, stage):
         return json.loads((seed_dir / folder / stage / "manifest.json").read_text())
+
+    def changed(a, b):
+        """The arguments in which two runs' manifests differ."""
+        return {k for k in a["args"] if a["args"][k] != b["args"][k]}
     main5, main6 = m("work", "05_selftrain"), m("work", "06_distill")
     # the distillation variants: 05 is the pipeline's, only the named flags differ
     proda, same = m("work_06_proda_labels", "06_distill"), m("work_06_teacher_init", "06_distill")
     assert proda["upstream"]["05_selftrain"] == same["upstream"]["05_selftrain"] == main5["run_id"]
     assert (proda["args"]["conf_threshold"], proda["args"]["scales"]) == (0.95, [1.0])
     assert (same["args"]["student_init"], same["args"]["conf_threshold"]) == ("teacher", 0.0)
-    diff = {k for k in main6["args"] if main6["args"][k] != proda["args"][k]}
-    assert diff == {"work", "conf_threshold", "scales"}, diff
+    assert changed(main6, proda) == {"work", "conf_threshold", "scales"}, changed(main6, proda)
     assert row["06_proda_labels"] == proda["summary"]["target_miou"]
     assert row["06_teacher_init"] == same["summary"]["target_miou"]
     # the same student without the hard labels: Eq. (11) off, nothing else changed
     nolab = m("work_06_teacher_init_no_labels", "06_distill")
     assert nolab["upstream"]["05_selftrain"] == main5["run_id"]
-    assert {k for k in same["args"] if same["args"][k] != nolab["args"][k]} == {"work", "alpha", "beta"}
+    assert changed(same, nolab) == {"work", "alpha", "beta"}, changed(same, nolab)
     assert (nolab["args"]["alpha"], nolab["args"]["beta"]) == (0.0, 0.0)
     assert row["06_teacher_init_no_labels"] == nolab["summary"]["target_miou"]
     # the noise rows: 05 and 06 with other stage seeds on the same upstream runs
