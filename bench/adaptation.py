@@ -9,7 +9,10 @@ with the demo's flags), then (`--rows`, default all):
   - the target oracle: 02's recipe trained on the target training images with their
     ground truth, the headroom (oracle - 02) that an adaptation method can close;
 and on the same 01-04 artifacts:
-  - Table 4 rows: 05 with --no-stm, 05 with --no-consistency;
+  - Table 4 rows: 05 with --no-stm, 05 with --no-consistency, and a control the paper has
+    no row for: 05 with both target terms off (--alpha 0 --beta 0 --no-consistency), the
+    same schedule, source term and target forwards without any target loss ("noTgt"), so
+    that 05 - noTgt is what the self-training adds beyond the extra fine-tuning;
   - the ceiling of 05's target term: 05 trained on the target ground truth in place of
     03's pseudo labels ("05 GT"; same flags and upstream);
   - where 05 loses: 05 on the ground truth restricted to the pixels 03 labels (03's
@@ -192,7 +195,8 @@ def warmup_with_target_bn(work, data):
 
 
 ROWS = {"oracle": "02's recipe on the target ground truth",
-        "table4": "05 without STM, without consistency",
+        "table4": "05 without STM, without consistency, without its target terms (--alpha 0 --beta 0 "
+                  "--no-consistency: the same fine-tuning on the source alone)",
         "labels": "05 on the ground truth, on the ground truth at 03's pixels, on 02's argmax at 03's pixels",
         "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them",
         "distill": "06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 --student-init teacher, "
@@ -271,11 +275,18 @@ def main(argv=None):
                 run(["02_warmup.py", "--data", od, "--work", ow, "--seed", seed, "--device", "cpu",
                      *flags("02_warmup", a.small), "--source-images", "raw", "--base-resize", "native"], log)
                 row["oracle"] = manifest(ow, "02_warmup")["summary"]["target_miou"]
-            # ---- Table 4: without STM, without consistency (same 01-04, same seed) ----
-            for name, flag in (("no_stm", "--no-stm"), ("no_consistency", "--no-consistency")) * ("table4" in a.rows):
+            # ---- Table 4: without STM, without consistency (same 01-04, same seed), and the
+            # control the paper's table has no row for: 05 with both target terms off (Eq. (11)
+            # by alpha = beta = 0, Eq. (12) by --no-consistency), i.e. the same schedule, source
+            # term and target forwards (batch-norm statistics) without any target loss. 05's gain
+            # over it is what the self-training adds; its gain over 02 also holds the extra
+            # fine-tuning on the source ----
+            for name, flags5 in (("no_stm", ("--no-stm",)), ("no_consistency", ("--no-consistency",)),
+                                 ("no_target", ("--alpha", 0, "--beta", 0, "--no-consistency"))
+                                 ) * ("table4" in a.rows):
                 w = base / f"work_{name}"
                 link_upstream(work, w, UPSTREAM_05)
-                row[f"05_{name}"] = stage("05_selftrain", w, flag)["target_miou"]
+                row[f"05_{name}"] = stage("05_selftrain", w, *flags5)["target_miou"]
             # ---- 05 on other target labels (same 01, 02, 04): the ground truth on every
             # pixel (the ceiling of 05's target term), the ground truth on 03's pixels only
             # (no label error), 02's own argmax on 03's pixels (where 05 loses) ----
@@ -341,7 +352,7 @@ def main(argv=None):
     head = ["seed", "02", "02 tBN", "05", "05 rBN", "05 EMA", *[f"06 r{k + 1}" for k in range(n6)],
             "05-02", "05-02bn", "06-05"]
     if not a.no_ablations:
-        head += ["noSTM", "noCons", "05 GT", "oracle"]
+        head += ["noSTM", "noCons", "noTgt", "05 GT", "oracle"]
     print("\n" + "=" * 78)
     print(f"BiSMAP toy adaptation over seeds {a.seeds} (target: toy Cityscapes val, mIoU %), "
           f"{time.time() - t0:.0f} s")
@@ -357,7 +368,8 @@ def main(argv=None):
         vals = [r["02"], r["02_target_bn"], r["05"], r["05_running_bn"], r["05_teacher"], *r["06"],
                 r["05"] - r["02"], r["05"] - r["02_target_bn"], r["06"][-1] - r["05"]]
         if not a.no_ablations:
-            vals += [r.get("05_no_stm"), r.get("05_no_consistency"), r.get("05_gt_labels"), r.get("oracle")]
+            vals += [r.get("05_no_stm"), r.get("05_no_consistency"), r.get("05_no_target"),
+                     r.get("05_gt_labels"), r.get("oracle")]
         for h, v in zip(head[1:], vals):
             cols[h].append(v)
         print(f"{r['seed']:>7} " + " ".join(f"{fmt(v):>7}" for v in vals))
@@ -376,13 +388,20 @@ def main(argv=None):
     print(f"05 - (02 with target batch norm statistics, AdaBN) paired per seed: {pb:+.1f} +- {pbsd:.1f}: "
           + ("self-training adds to what the statistics alone give" if pb > pbsd else
              "self-training does NOT add to what the statistics alone give"))
+    pt, ptsd = mean_sd([r["05"] - r["05_no_target"] for r in rows if r.get("05_no_target") is not None])
+    if pt == pt:
+        print(f"05 - (05 without its target terms: source + STM only, same schedule) paired per seed: "
+              f"{pt:+.1f} +- {ptsd:.1f}: " + ("the self-training terms add to the fine-tuning" if pt > ptsd else
+                                               "the self-training terms do NOT add to the fine-tuning"))
     g6 = ms[f"06 r{n6}"][0] - ms["05"][0]
     print(f"06 (last round) vs 05: mean {g6:+.1f} mIoU: " + ("06 >= 05" if g6 >= 0 else "06 < 05"))
     if not a.no_ablations:
         print("\nTable 4 on the toy data (mean over seeds, target mIoU %):")
         for label, h in (("02 warm-up (GPA baseline)", "02"),
                          ("02, statistics re-estimated on target (AdaBN)", "02 tBN"), ("05 without STM", "noSTM"),
-                         ("05 without consistency", "noCons"), ("05 full (STM + MAPs + consistency)", "05"),
+                         ("05 without consistency", "noCons"),
+                         ("05 without its target terms (source + STM)", "noTgt"),
+                         ("05 full (STM + MAPs + consistency)", "05"),
                          ("05 on the target ground truth (ceiling)", "05 GT"),
                          ("02's recipe on the target ground truth (oracle)", "oracle"),
                          (f"06 distillation (round {n6})", f"06 r{n6}")):
