@@ -223,8 +223,8 @@ def test_label_rows_keep_03s_pixels_with_the_truth_or_02s_argmax(pipeline, tmp_p
         assert (tmp_path / k / "03_maps" / marker).exists()
 
 
-def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(pipeline, tmp_path):
-    """bench/adaptation.py --rows distill noise on a finished small pipeline: every variant
+def test_bench_table4_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(pipeline, tmp_path):
+    """bench/adaptation.py --rows table4 distill noise on a finished small pipeline: every variant
     runs in its own work folder on the pipeline's own upstream runs (same run ids), with
     only the flags the row names changed, and the report prints what the manifests hold."""
     d, _ = pipeline
@@ -233,7 +233,7 @@ def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(p
     (seed_dir / "data").symlink_to(d / "data", target_is_directory=True)   # read only
     shutil.copytree(d / "work", seed_dir / "work")                         # the bench resumes it
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "adaptation.py"), "--small", "--seeds", "0",
-                          "--rows", "distill", "noise", "--out", str(tmp_path / "out")],
+                          "--rows", "table4", "distill", "noise", "--out", str(tmp_path / "out")],
                          cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     row = json.loads((tmp_path / "out" / "results.json").read_text())[0]
@@ -245,6 +245,19 @@ def test_bench_distill_and_noise_rows_rerun_only_06_or_05_on_the_same_upstream(p
         """The arguments in which two runs' manifests differ."""
         return {k for k in a["args"] if a["args"][k] != b["args"][k]}
     main5, main6 = m("work", "05_selftrain"), m("work", "06_distill")
+    # Table 4 and its control: 05 on the pipeline's 01-04, only the named flags differ
+    for name, flags5 in (("no_stm", {"no_stm": True}), ("no_consistency", {"no_consistency": True}),
+                         ("no_target", {"alpha": 0.0, "beta": 0.0, "no_consistency": True})):
+        r5 = m(f"work_{name}", "05_selftrain")
+        # the same upstream runs (without STM, 05 does not read 04)
+        assert r5["upstream"] == {k: v for k, v in main5["upstream"].items()
+                                  if not (name == "no_stm" and k == "04_stm")}, name
+        assert changed(main5, r5) == {"work", *flags5}, (name, changed(main5, r5))
+        assert {k: r5["args"][k] for k in flags5} == flags5, name
+        assert row[f"05_{name}"] == r5["summary"]["target_miou"], name
+    paired = row["05"] - row["05_no_target"]
+    assert f"05 - (05 without its target terms: source + STM only, same schedule) paired per seed: " \
+           f"{paired:+.1f} +- 0.0" in out.stdout
     # the distillation variants: 05 is the pipeline's, only the named flags differ
     proda, same = m("work_06_proda_labels", "06_distill"), m("work_06_teacher_init", "06_distill")
     assert proda["upstream"]["05_selftrain"] == same["upstream"]["05_selftrain"] == main5["run_id"]
