@@ -2045,17 +2045,48 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             for name in also_eval or {}:
                 print(f"{name}: target val mIoU {metrics[name + '_miou']:.1f} "
                       f"(model {metrics['miou']:.1f})", flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"iter": at, "val": metrics}) + "\n")
             if metrics["miou"] > best["miou"]:
                 best = {**metrics, "iteration": at}
                 save_checkpoint(out_dir / "best.pt", **state(at))
+            # the log line last: once it is written, this evaluation is complete (best.pt too)
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iter": at, "val": metrics}) + "\n")
         return metrics
+
+    def logged_eval(at):
+        """The evaluation after `at` iterations that log.jsonl already holds, or None."""
+        found = None
+        if log_path.exists():
+            for line in log_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if rec.get("iter") == at and "val" in rec:
+                    found = rec["val"]
+        return found
 
     metrics = None
     if resume and last.exists() and ck.get("eval_pending"):
-        # last.pt was written before an evaluation that did not finish: do it now
-        metrics = eval_and_report(start)
+        # last.pt is written before each evaluation (eval_pending). If that evaluation
+        # finished, its log line says so: take its figures (best.pt was saved before the
+        # line), so rerunning a finished run neither evaluates again nor logs it twice.
+        # Otherwise it did not finish: do it now.
+        done_before = logged_eval(start) if rank == 0 else None
+        if world > 1:  # every rank takes the same branch (only rank 0 writes the log)
+            shared = [done_before]
+            dist.broadcast_object_list(shared, src=0)
+            done_before = shared[0]
+        if done_before is None:
+            metrics = eval_and_report(start)
+        else:
+            if bn_items and start == args.iters:  # the state to return carries the re-estimate
+                for m in [raw, *(also_eval or {}).values()]:
+                    recompute_bn_statistics(m, bn_items, device)
+            metrics = done_before
+            if metrics["miou"] > best["miou"]:
+                best = {**metrics, "iteration": start}
+            log0(f"the evaluation after {start} iterations is in {log_path}: not repeated")
     for it in range(start, args.iters):
         for g in opt.param_groups:
             g["lr"] = poly_lr(args.lr, it, args.iters, args.power, args.warmup_iters) * g["lr_mult"]

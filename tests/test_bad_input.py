@@ -130,6 +130,68 @@ def test_last_checkpoint_is_written_before_the_evaluation(tmp_path):
     assert ck["iteration"] == 3 and ck["eval_pending"] is True   # the training is kept
 
 
+
+class _TinySegmentor(torch.nn.Module):
+    """conv -> batch norm -> 19 logits, the (features, logits) pair the stages' models return."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 19, 1)
+
+    def forward(self, x):
+        f = self.bn(self.conv(x))
+        return f, self.head(f)
+
+    def backbone_parameters(self):
+        return [*self.conv.parameters(), *self.bn.parameters()]
+
+    def head_parameters(self):
+        return list(self.head.parameters())
+
+
+def test_rerunning_a_finished_run_takes_its_logged_evaluation(tmp_path):
+    """last.pt is written before each evaluation (eval_pending). Resuming a run whose last
+    evaluation finished (its line is in log.jsonl) must not evaluate or log it again, and
+    returns the same figures and the same final state (batch norm re-estimated as before);
+    a run killed during that evaluation does it on resume, once."""
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(3):
+        img, lab = tmp_path / f"i{k}.png", tmp_path / f"l{k}.png"
+        Image.fromarray(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)).save(img)
+        Image.fromarray(rng.choice(np.array([7, 8, 11], np.uint8), (8, 16))).save(lab)  # road, sidewalk, building
+        items.append((img, lab))
+    args = Namespace(lr=0.1, head_lr_mult=1, momentum=0.9, weight_decay=0.0, amp=False, iters=4,
+                     power=0.9, warmup_iters=0, log_every=100, eval_every=2, save_every=100,
+                     batch_size=2, source="gta5", eval_flip=False)
+    x = torch.rand(2, 3, 8, 16)
+
+    def run(resume):
+        torch.manual_seed(0)
+        model = _TinySegmentor()
+
+        def step_loss(it):
+            loss = model(x)[1].logsumexp(1).mean()
+            return loss, {"loss": loss.item()}
+        return common.train_loop(args, tmp_path, model, step_loss, items, resume=resume, bn_items=items)
+
+    def val_lines():
+        return [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "val" in r]
+    metrics, best, state = run(resume=False)
+    assert [r["iter"] for r in val_lines()] == [2, 4] and "running_bn_miou" in metrics
+    again, best2, state2 = run(resume=True)
+    assert [r["iter"] for r in val_lines()] == [2, 4]                    # not evaluated again
+    assert again == metrics and best2 == best
+    for k, v in state["model"].items():                                  # BN re-estimated as before
+        assert torch.equal(v, state2["model"][k]), k
+    ran_before = state["model"]["bn.running_mean"].clone()
+    assert not torch.equal(ran_before, torch.load(tmp_path / "last.pt", weights_only=False)["model"]["bn.running_mean"])
+    # killed during the last evaluation: its line is missing, so the resume evaluates, once
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    (tmp_path / "log.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again, _, state3 = run(resume=True)
+    assert [r["iter"] for r in val_lines()] == [2, 4] and again == metrics
+    assert torch.equal(state3["model"]["bn.running_mean"], ran_before)
+
 # ============ defect 4: 01 records a corrupt source, replaces a corrupt reference ============
 def test_stylize_excludes_corrupt_source_and_replaces_corrupt_reference(warmup_work, toy_data,
                                                                         tmp_path, capsys):
