@@ -2025,6 +2025,10 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
                 rank=rank, world=world, desc=f"eval {name}"), args.source)["miou"]
         return cm, metrics
 
+    def reestimate_bn():  # the model's and the also_eval models' statistics, on bn_items
+        for m in [raw, *(also_eval or {}).values()]:
+            recompute_bn_statistics(m, bn_items, device)
+
     def eval_and_report(at):
         """Evaluate after `at` iterations: print the table, log it, keep best.pt. After the
         last one with bn_items: first with the running statistics, then re-estimated."""
@@ -2034,8 +2038,7 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             _, run_metrics = run_eval()
             before = {"running_bn_miou": run_metrics["miou"],
                       **{f"{n}_running_bn_miou": run_metrics[f"{n}_miou"] for n in also_eval or {}}}
-            for m in [raw, *(also_eval or {}).values()]:
-                recompute_bn_statistics(m, bn_items, device)
+            reestimate_bn()
             log0(f"target val mIoU {run_metrics['miou']:.1f} with the running batch norm statistics "
                  f"of training; re-estimated on {len(bn_items)} target training images:")
         cm, metrics = run_eval()
@@ -2081,8 +2084,7 @@ def train_loop(args, out_dir, model, step_loss, eval_items, eval_kind="cityscape
             metrics = eval_and_report(start)
         else:
             if bn_items and start == args.iters:  # the state to return carries the re-estimate
-                for m in [raw, *(also_eval or {}).values()]:
-                    recompute_bn_statistics(m, bn_items, device)
+                reestimate_bn()
             metrics = done_before
             if metrics["miou"] > best["miou"]:
                 best = {**metrics, "iteration": start}

@@ -130,7 +130,6 @@ def test_last_checkpoint_is_written_before_the_evaluation(tmp_path):
     assert ck["iteration"] == 3 and ck["eval_pending"] is True   # the training is kept
 
 
-
 class _TinySegmentor(torch.nn.Module):
     """conv -> batch norm -> 19 logits, the (features, logits) pair the stages' models return."""
     def __init__(self):
@@ -191,6 +190,7 @@ def test_rerunning_a_finished_run_takes_its_logged_evaluation(tmp_path):
     again, _, state3 = run(resume=True)
     assert [r["iter"] for r in val_lines()] == [2, 4] and again == metrics
     assert torch.equal(state3["model"]["bn.running_mean"], ran_before)
+
 
 # ============ defect 4: 01 records a corrupt source, replaces a corrupt reference ============
 def test_stylize_excludes_corrupt_source_and_replaces_corrupt_reference(warmup_work, toy_data,
