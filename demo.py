@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+PRETRAINED = "pretrained/toy_imagenet_resnet18.pth"   # demo.py --pretrained's file, under --data
 
 
-def configs(small):
+def configs(small, pretrained=None):
     """Per-stage flags of the toy runs: the paper's values except where a toy scale needs
     others, each said here (README, "Does it adapt?", has the measurements).
     - Backbone resnet18 without pre-trained weights: nothing is downloaded, and the toy
@@ -57,18 +58,21 @@ def configs(small):
       from one round's student to the next round's teacher.
     05 and 06 keep the running batch-norm statistics of training in the saved model, as
     the official code (the stages' default --bn-images 0).
-    The whole demo takes about 30 minutes on a quiet 2-core CPU (the warm-up 20 of them)."""
+    The whole demo takes about 30 minutes on a quiet 2-core CPU (the warm-up 20 of them).
+    pretrained: a toy_pretrain.py file (`--pretrained`): 02 starts its backbone and 04 its
+    E-hat from it, as the paper's from ImageNet / SimCLRv2 weights; every other flag stays
+    (the warm-up's lr and schedule included), so that the init is the one change."""
     n = {"warm": 1800, "self": 200, "dist": 200, "rounds": 1, "ratio": 0.6} if not small else \
         {"warm": 60, "self": 30, "dist": 20, "rounds": 2, "ratio": 0.6}
     crop = ["--crop", "128", "64"] if not small else ["--crop", "64", "32"]
     train = ["--workers", "0", "--log-every", "50" if not small else "10", *crop]
     return [
         ("01_stylize", ["--workers", "0"]),
-        ("02_warmup", ["--backbone", "resnet18", "--weights", "none", "--iters", str(n["warm"]),
+        ("02_warmup", ["--backbone", "resnet18", "--weights", str(pretrained or "none"), "--iters", str(n["warm"]),
                        "--lr", "0.03", "--head-lr-mult", "1", "--batch-size", "8", "--eval-every", str(n["warm"]), *train]),
         ("03_maps", ["--target-ratio", str(n["ratio"]), "--bn-images", "500", "--samples-per-class", "20000",
                      "--workers", "0"]),
-        ("04_stm", ["--encoder", "resnet18", "--encoder-weights", "none", "--encoder-scale", "2",
+        ("04_stm", ["--encoder", "resnet18", "--encoder-weights", str(pretrained or "none"), "--encoder-scale", "2",
                     "--workers", "0"]),
         ("05_selftrain", ["--init", "warmup", "--ema", "0.999", "--iters", str(n["self"]), "--batch-size", "4",
                           "--eval-every", str(n["self"]), *train]),
@@ -104,7 +108,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu",
                    help="cpu (default: the README's figures are CPU runs), cuda, cuda:1 ...; on CUDA "
                         "every stage runs with its default --amp (fp16 autocast)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
+                   help="start 02's backbone and 04's E-hat from the toy stand-in for ImageNet "
+                        f"weights (toy_pretrain.py; written to FILE, default DATA/{PRETRAINED}, when "
+                        "missing, about 10 minutes) instead of random weights; README, \"A toy "
+                        "pre-training\"")
     a = p.parse_args(argv)
+    if a.pretrained is True:
+        a.pretrained = str(Path(a.data) / PRETRAINED)
     if a.device != "cpu" and a.nproc > 1:
         p.error(f"--nproc {a.nproc} runs gloo processes on the CPU; with --device {a.device} use 1")
     py = sys.executable
@@ -118,7 +129,11 @@ def main(argv=None):
     elif a.source_factor != 1:
         p.error(f"--source-factor {a.source_factor}: {a.data} already holds toy data, which is not "
                 f"regenerated; give another --data")
-    for stage, flags in configs(a.small):
+    if a.pretrained:
+        # a finished file with the same arguments is kept (toy_pretrain.py decides)
+        times["toy_pretrain"] = run([py, "toy_pretrain.py", "--out", a.pretrained]
+                                    + (["--scenes", "40", "--iters", "10"] if a.small else []))
+    for stage, flags in configs(a.small, a.pretrained):
         if stage == "export_onnx":
             cmd = [py, "export_onnx.py", *flags, *common]
         elif a.nproc > 1:
@@ -154,6 +169,7 @@ def main(argv=None):
                      f"{r.get('running_bn_target_miou') or float('nan'):.1f}"))
     print("\n" + "=" * 64 + f"\nBiSMAP toy pipeline finished in {time.time() - t_all:.0f} s "
           f"(target: toy Cityscapes val, mIoU %)\n" + "=" * 64)
+    print(f"  init: {'toy pre-training ' + a.pretrained if a.pretrained else 'random weights'}")
     for k, v in rows:
         if v != "nan":  # rows without a figure (no re-estimated statistics, no teacher) are left out
             print(f"  {k:<40} {v:>12}")

@@ -72,8 +72,11 @@ def manifest(work, stage):
     return json.loads((Path(work) / stage / "manifest.json").read_text())
 
 
+PRETRAINED = None   # --pretrained: the toy pre-training file every run of this bench starts from
+
+
 def flags(stage, small=False):
-    return dict(demo.configs(small))[stage]
+    return dict(demo.configs(small, PRETRAINED))[stage]
 
 
 def labelled_share(data, label_dir):
@@ -197,6 +200,7 @@ def warmup_with_target_bn(work, data):
 ROWS = {"oracle": "02's recipe on the target ground truth",
         "table4": "05 without STM, without consistency, without its target terms (--alpha 0 --beta 0 "
                   "--no-consistency: the same fine-tuning on the source alone)",
+        "control": "only the last of table4's runs (noTgt)",
         "labels": "05 on the ground truth, on the ground truth at 03's pixels, on 02's argmax at 03's pixels",
         "table3": "03 --pla centroid / confidence at MAPs' ratio, 04 and 05 on them",
         "distill": "06 on ProDA's labels (--conf-threshold 0.95 --scales 1), 06 --student-init teacher, "
@@ -223,7 +227,13 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="which groups of extra runs to make (default: all): " +
                         "; ".join(f"{k}: {v}" for k, v in ROWS.items()))
+    p.add_argument("--pretrained", metavar="FILE",
+                   help="demo.py --pretrained FILE: every seed's 02 and 04 start from this toy_pretrain.py "
+                        "file (made first when missing; make it once before running seeds side by side) "
+                        "instead of random weights; use a fresh --out")
     a = p.parse_args(argv)
+    global PRETRAINED
+    PRETRAINED = a.pretrained = str(Path(a.pretrained).resolve()) if a.pretrained else None
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
     t0 = time.time()
     rows = []
@@ -240,6 +250,7 @@ def main(argv=None):
             print(f"seed {seed}: resuming the pipeline in {work}", flush=True)
         run(["demo.py", "--data", data, "--work", work, "--seed", seed]
             + (["--small"] if a.small else [])
+            + (["--pretrained", a.pretrained] if a.pretrained else [])
             # (the toy data is generated once; demo.py refuses a factor for existing data)
             + (["--source-factor", a.source_factor]
                if a.source_factor != 1 and not (data / "cityscapes").exists() else []), log)
@@ -252,7 +263,8 @@ def main(argv=None):
                "05_teacher": manifest(work, "05_selftrain")["summary"].get("teacher_target_miou"),
                "06": [r["target_miou"] for r in manifest(work, "06_distill")["summary"]["rounds"]],
                # what the figures depend on besides the seed (README, "Reproducibility")
-               "environment": manifest(work, "02_warmup").get("environment")}
+               "environment": manifest(work, "02_warmup").get("environment"),
+               "init": manifest(work, "02_warmup")["args"].get("weights")}
         s3 = manifest(work, "03_maps")["summary"]
         row["pl_maps"] = {"ratio": s3.get("pl_ratio"), "accuracy": s3.get("accuracy"), "miou": s3.get("miou")}
         # which classes the target terms of 05 (03's labels) and 06 (its teacher's) teach
@@ -283,7 +295,7 @@ def main(argv=None):
             # fine-tuning on the source ----
             for name, flags5 in (("no_stm", ("--no-stm",)), ("no_consistency", ("--no-consistency",)),
                                  ("no_target", ("--alpha", 0, "--beta", 0, "--no-consistency"))
-                                 ) * ("table4" in a.rows):
+                                 )[0 if "table4" in a.rows else 2 if "control" in a.rows else 3:]:
                 w = base / f"work_{name}"
                 link_upstream(work, w, UPSTREAM_05)
                 row[f"05_{name}"] = stage("05_selftrain", w, *flags5)["target_miou"]
@@ -362,6 +374,9 @@ def main(argv=None):
         print("warm-up run on: " + ("(not recorded)" if not e else
                                     f"{e['cpu']} ({e['cpu_capability']}), {e['threads']} thread(s), "
                                     f"torch {e['torch']}" + (f", {e['cuda']}" if e.get("cuda") else "")))
+    for init in sorted({str(r.get("init")) for r in rows}):
+        print("02's backbone and 04's E-hat start from: " +
+              ("random weights" if init == "none" else f"{init} (toy pre-training)"))
     print(" ".join(f"{h:>7}" for h in head))
     cols = {h: [] for h in head[1:]}
     for r in rows:
