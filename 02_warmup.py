@@ -20,6 +20,7 @@ backbone):
         --head-lr-mult 1 --batch-size 8 --crop 128 64 --eval-every 600 --workers 0
 """
 import common
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -62,7 +63,18 @@ def main(argv=None):
     # ============ training (shared schedule: SGD, poly, AMP, eval, checkpoints) ============
     final, best, state = common.train_loop(args, stage.dir, model, step_loss, val, resume=resuming)
     src = {}
-    if args.source_eval > 0:
+    # a finished run rerun with the same arguments holds the same model: its source figures
+    # stand (rank 0 read its manifest; every rank evaluates, or none)
+    kept = (stage.earlier.get("summary") or {}).get("source") or None if rank == 0 else None
+    if world > 1:
+        box = [kept]
+        dist.broadcast_object_list(box, src=0)
+        kept = box[0]
+    if args.source_eval > 0 and kept:
+        src = kept
+        common.log0(f"02_warmup: source mIoU {src['miou']:.1f} on {args.source_eval} training images, "
+                    f"from the finished run's manifest")
+    elif args.source_eval > 0:
         cm = common.evaluate(model, items[: args.source_eval], common.label_kind(args.source), device,
                              args.source, rank=rank, world=world, desc="source eval",
                              image_for=image_for)

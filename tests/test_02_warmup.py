@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY_TRAIN
+from conftest import ROOT, TINY_TRAIN, run_stage
 
 
 def records(path):
@@ -93,3 +93,30 @@ def test_non_finite_loss_stops_with_iteration_and_losses(tmp_path):
         return loss, {"loss_ce": loss.item(), "other": 0.5}
     with pytest.raises(common.NonFiniteLoss, match=r"iteration 3: loss_ce=nan, other=0.5"):
         common.train_loop(args, tmp_path, model, step_loss, [])
+
+
+def test_rerunning_a_finished_warmup_keeps_its_source_figures(toy_data, warmup_work, tmp_path, monkeypatch):
+    """The same arguments again on a finished 02: nothing is trained or evaluated again (the
+    target figures come from log.jsonl, the source figures from the finished manifest), and
+    the manifest reports the same figures."""
+    work = tmp_path / "w"
+    shutil.copytree(warmup_work / "01_stylize", work / "01_stylize")
+    args = ["--data", toy_data, "--work", work, *TINY_TRAIN, "--iters", "4", "--eval-every", "4",
+            "--source-eval", "4"]
+    run_stage("02_warmup", *args)
+    before = json.loads((work / "02_warmup" / "manifest.json").read_text())
+    assert before["summary"]["source_miou"] is not None
+    calls = []
+    evaluate = common.evaluate
+
+    def spy(*a, **k):
+        calls.append(k.get("desc"))
+        return evaluate(*a, **k)
+    monkeypatch.setattr(common, "evaluate", spy)
+    run_stage("02_warmup", *args)
+    after = json.loads((work / "02_warmup" / "manifest.json").read_text())
+    assert calls == []
+    assert after["summary"] == before["summary"] and after["run_id"] == before["run_id"]
+    # other arguments: a new run, evaluated again
+    run_stage("02_warmup", *args[:-1], "3")
+    assert calls.count("source eval") == 1
