@@ -70,13 +70,19 @@ def test_torchrun_two_gloo_processes(toy_data, warmup_work, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(warmup_work / "01_stylize", work / "01_stylize")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", *_cmd(toy_data, work, 4)[1:]]
+           "--master_port", "29517", *_cmd(toy_data, work, 4, ["--source-eval", "4"])[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     m = json.loads((work / "02_warmup" / "manifest.json").read_text())
     assert m["complete"] and torch.load(work / "02_warmup" / "model.pt", weights_only=False)["iteration"] == 4
     assert out.stdout.count("02_warmup: target val mIoU") == 1      # only rank 0 reports
+    # the same command again: both ranks skip the source evaluation together (rank 0 read
+    # the finished manifest), and the figures stay
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("from the finished run's manifest") == 1
+    assert json.loads((work / "02_warmup" / "manifest.json").read_text())["summary"] == m["summary"]
 
 
 def test_non_finite_loss_stops_with_iteration_and_losses(tmp_path):
