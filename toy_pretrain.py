@@ -111,17 +111,10 @@ def augment(x, g):
     return out.clamp(0, 255)
 
 
-def normalize(x):
-    """uint8-scale (B, 3, H, W) -> the stages' ImageNet normalisation (common.normalize)."""
-    mean = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
 @torch.no_grad()
 def accuracy(net, x, y, batch=256):
     net.eval()
-    hits = sum(int((net(normalize(x[i:i + batch])).argmax(1) == y[i:i + batch]).sum())
+    hits = sum(int((net(common.normalize(x[i:i + batch])).argmax(1) == y[i:i + batch]).sum())
                for i in range(0, len(y), batch))
     return 100.0 * hits / len(y)
 
@@ -147,7 +140,7 @@ def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed
         for group in opt.param_groups:   # linear warm-up over 10% of the iterations, then cosine
             group["lr"] = lr * (it / warm if it <= warm else 0.5 * (1 + np.cos(np.pi * (it - warm) / max(1, iters - warm))))
         idx = torch.randint(len(y), (batch_size,), generator=g)
-        loss = F.cross_entropy(net(normalize(augment(x[idx], g))), y[idx])
+        loss = F.cross_entropy(net(common.normalize(augment(x[idx], g))), y[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy_pretrain: loss {loss.item()} at iteration {it}")
         opt.zero_grad()
