@@ -129,8 +129,11 @@ def main(argv=None):
     elif a.source_factor != 1:
         p.error(f"--source-factor {a.source_factor}: {a.data} already holds toy data, which is not "
                 f"regenerated; give another --data")
-    if a.pretrained:
-        # a finished file with the same arguments is kept (toy_pretrain.py decides)
+    if a.pretrained and Path(a.pretrained).is_file():
+        # a file that is there is used as it is, whatever arguments made it: the demo never
+        # retrains (and so never replaces) a pre-training someone made on purpose
+        print(f"init: {a.pretrained} (existing file, used as it is)", flush=True)
+    elif a.pretrained:
         times["toy_pretrain"] = run([py, "toy_pretrain.py", "--out", a.pretrained]
                                     + (["--scenes", "40", "--iters", "10"] if a.small else []))
     for stage, flags in configs(a.small, a.pretrained):

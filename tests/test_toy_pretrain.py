@@ -115,3 +115,32 @@ def test_demo_and_bench_pass_the_file_to_02_and_04_only(tmp_path):
         assert adaptation.flags("05_selftrain") == plain["05_selftrain"]
     finally:
         adaptation.PRETRAINED = None
+
+
+def test_demo_uses_an_existing_file_as_it_is_and_makes_a_missing_one(tmp_path, monkeypatch):
+    """demo.py --pretrained FILE never retrains a file that is there (it may have been made
+    with other arguments on purpose); a missing one is made by toy_pretrain.py first."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, env=None):
+        calls.append([str(c) for c in cmd])
+        if any(str(c).endswith("01_stylize.py") for c in cmd):
+            raise Stop
+        return 0.0
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    f = tmp_path / "made_elsewhere.pth"
+    f.write_bytes(b"not retrained")
+    (tmp_path / "data" / "cityscapes").mkdir(parents=True)
+    for pre, expect_made in ((f, False), (tmp_path / "missing.pth", True)):
+        calls.clear()
+        with pytest.raises(Stop):
+            demo.main(["--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--pretrained", str(pre)])
+        made = [c for c in calls if any(x.endswith("toy_pretrain.py") for x in c)]
+        assert bool(made) == expect_made, calls
+        if made:
+            assert made[0][made[0].index("--out") + 1] == str(pre)
+    assert f.read_bytes() == b"not retrained"
