@@ -119,7 +119,24 @@ def accuracy(net, x, y, batch=256):
     return 100.0 * hits / len(y)
 
 
-def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed=0, log_every=100):
+def lr_schedule(opt, schedule, iters):
+    """The learning-rate (and momentum) schedule of the pre-training, stepped once per
+    iteration; the optimizer's lr is the peak."""
+    lr = opt.param_groups[0]["lr"]
+    if schedule == "onecycle":
+        # torch's one-cycle policy: lr from lr/25 up to lr over the first 10% (cosine), then down
+        # to lr/25e4; momentum cycled 0.95 -> 0.85 -> 0.95 against it
+        return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.1)
+    if schedule == "cosine":
+        # linear warm-up over 10% of the iterations, then cosine to 0; momentum as set (0.9)
+        warm = max(1, iters // 10)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + np.cos(np.pi * (i + 1 - warm) / max(1, iters - warm))))
+    raise ValueError(f"schedule must be 'onecycle' or 'cosine', got {schedule!r}")
+
+
+def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed=0, log_every=100,
+             schedule="cosine"):
     """Train the classifier; returns (backbone state dict without fc, summary dict)."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -133,12 +150,10 @@ def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed
     net = common.build_resnet("resnet18", "none", output_stride=32)
     net.fc = nn.Linear(net.fc.in_features, len(KINDS))
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    warm = max(1, iters // 10)
+    sched = lr_schedule(opt, schedule, iters)
     g = torch.Generator().manual_seed(seed)
     for it in range(1, iters + 1):
         net.train()
-        for group in opt.param_groups:   # linear warm-up over 10% of the iterations, then cosine
-            group["lr"] = lr * (it / warm if it <= warm else 0.5 * (1 + np.cos(np.pi * (it - warm) / max(1, iters - warm))))
         idx = torch.randint(len(y), (batch_size,), generator=g)
         loss = F.cross_entropy(net(common.normalize(augment(x[idx], g))), y[idx])
         if not torch.isfinite(loss):
@@ -146,6 +161,7 @@ def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if it % log_every == 0 or it == iters:
             print(f"it {it}/{iters} loss {loss.item():.3f} held-out accuracy {accuracy(net, xv, yv):.1f}% "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -162,8 +178,10 @@ def main(argv=None):
     p.add_argument("--val-scenes", type=int, default=60, help="held-out scenes for the accuracy")
     p.add_argument("--iters", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=96)
-    p.add_argument("--lr", type=float, default=0.1, help="peak lr (SGD, Nesterov momentum 0.9, weight decay 5e-4; linear "
-                                                             "warm-up over 10%% of --iters, then cosine to 0)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak lr (SGD, Nesterov momentum, weight decay 5e-4)")
+    p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine",
+                   help="cosine: linear warm-up over 10%% of --iters, then cosine to 0, momentum 0.9; onecycle: "
+                        "torch's OneCycleLR (10%% up, lr/25 -> lr -> lr/25e4, momentum cycled 0.95-0.85)")
     p.add_argument("--seed", type=int, default=0, help="one fixed file for every seed of the toy data")
     a = p.parse_args(argv)
     for k in ("scenes", "val_scenes", "iters", "batch_size"):
@@ -183,7 +201,8 @@ def main(argv=None):
             print(f"{out}: finished with these arguments ({old['summary']['heldout_accuracy']:.1f}% "
                   f"held-out accuracy); kept")
             return
-    state, summary = pretrain(a.scenes, a.val_scenes, a.iters, a.batch_size, a.lr, a.seed)
+    state, summary = pretrain(a.scenes, a.val_scenes, a.iters, a.batch_size, a.lr, a.seed,
+                              schedule=a.schedule)
     # the file first, then its manifest: a manifest always describes the file beside it
     if meta.exists():
         meta.unlink()

@@ -144,3 +144,32 @@ def test_demo_uses_an_existing_file_as_it_is_and_makes_a_missing_one(tmp_path, m
         if made:
             assert made[0][made[0].index("--out") + 1] == str(pre)
     assert f.read_bytes() == b"not retrained"
+
+
+def test_the_two_schedules_by_hand():
+    """cosine: lr * it/warm for the first 10% (warm = 10 of 100), then 0.5 (1 + cos(pi t)) to
+    0, momentum 0.9 throughout; onecycle: lr/25 at the start, the peak at 10%, lr/25e4 at
+    the end, momentum 0.95 at the ends and 0.85 at the peak."""
+    def trace(schedule):
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        sched = tp.lr_schedule(opt, schedule, 100)
+        out = []
+        for _ in range(100):   # the lr and momentum each iteration trains with
+            out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+            opt.step()
+            sched.step()
+        return out
+    cos = trace("cosine")
+    assert cos[0][0] == pytest.approx(0.01) and cos[4][0] == pytest.approx(0.05)
+    assert cos[9][0] == pytest.approx(0.1)
+    assert cos[54][0] == pytest.approx(0.05)               # halfway through the 90 cosine steps
+    assert cos[99][0] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 90 / 90)), abs=1e-12)
+    assert {m for _, m in cos} == {0.9}
+    one = trace("onecycle")
+    assert one[0] == (pytest.approx(0.004), pytest.approx(0.95))
+    peak = max(range(100), key=lambda i: one[i][0])
+    assert peak in (9, 10) and one[peak][0] == pytest.approx(0.1, rel=1e-3)
+    assert one[peak][1] == pytest.approx(0.85, abs=1e-3)
+    assert one[99][0] == pytest.approx(0.004 / 1e4, rel=1e-6) and one[99][1] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="schedule must be"):
+        tp.lr_schedule(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), "step", 100)
