@@ -136,7 +136,7 @@ def lr_schedule(opt, schedule, iters):
 
 
 def pretrain(scenes=3000, val_scenes=60, iters=1200, batch_size=96, lr=0.1, seed=0, log_every=100,
-             schedule="cosine"):
+             schedule="onecycle"):
     """Train the classifier; returns (backbone state dict without fc, summary dict)."""
     torch.manual_seed(seed)
     t0 = time.time()
@@ -179,7 +179,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--lr", type=float, default=0.1, help="peak lr (SGD, Nesterov momentum, weight decay 5e-4)")
-    p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine",
+    p.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
                    help="cosine: linear warm-up over 10%% of --iters, then cosine to 0, momentum 0.9; onecycle: "
                         "torch's OneCycleLR (10%% up, lr/25 -> lr -> lr/25e4, momentum cycled 0.95-0.85)")
     p.add_argument("--seed", type=int, default=0, help="one fixed file for every seed of the toy data")
