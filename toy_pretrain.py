@@ -131,7 +131,9 @@ def lr_schedule(opt, schedule, iters):
     if schedule == "onecycle":
         # torch's one-cycle policy: lr from lr/25 up to lr over the first 10% (cosine), then down
         # to lr/25e4; momentum cycled 0.95 -> 0.85 -> 0.95 against it
-        return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.1)
+        # (the rise is at least 2 iterations: with exactly one, torch's OneCycleLR divides 0 by 0)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters,
+                                                   pct_start=max(0.1, 2 / iters) if iters >= 4 else 0.1)
     if schedule == "cosine":
         # linear warm-up over 10% of the iterations, then cosine to 0; momentum as set (0.9)
         warm = max(1, iters // 10)

@@ -174,3 +174,11 @@ def test_the_two_schedules_by_hand():
     assert one[99][0] == pytest.approx(0.004 / 1e4, rel=1e-6) and one[99][1] == pytest.approx(0.95)
     with pytest.raises(ValueError, match="schedule must be"):
         tp.lr_schedule(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1), "step", 100)
+    # short runs too (demo.py --small makes its file in 10 iterations, where a 10% rise of one
+    # iteration made torch's OneCycleLR divide by zero)
+    for iters in range(1, 31):
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+        sched = tp.lr_schedule(opt, "onecycle", iters)
+        for _ in range(iters):
+            opt.step()
+            sched.step()
