@@ -151,11 +151,11 @@ def test_the_two_schedules_by_hand():
     """cosine: lr * it/warm for the first 10% (warm = 10 of 100), then 0.5 (1 + cos(pi t)) to
     0, momentum 0.9 throughout; onecycle: lr/25 at the start, the peak at 10%, lr/25e4 at
     the end, momentum 0.95 at the ends and 0.85 at the peak."""
-    def trace(schedule):
+    def trace(schedule, iters=100):
         opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        sched = tp.lr_schedule(opt, schedule, 100)
+        sched = tp.lr_schedule(opt, schedule, iters)
         out = []
-        for _ in range(100):   # the lr and momentum each iteration trains with
+        for _ in range(iters):   # the lr and momentum each iteration trains with
             out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
             opt.step()
             sched.step()
@@ -177,8 +177,4 @@ def test_the_two_schedules_by_hand():
     # short runs too (demo.py --small makes its file in 10 iterations, where a 10% rise of one
     # iteration made torch's OneCycleLR divide by zero)
     for iters in range(1, 31):
-        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
-        sched = tp.lr_schedule(opt, "onecycle", iters)
-        for _ in range(iters):
-            opt.step()
-            sched.step()
+        trace("onecycle", iters)
