@@ -1,6 +1,7 @@
 """demo.py: the whole BiSMAP pipeline on the toy datasets, on a CPU, in one command.
 
-    python demo.py                  # toy data -> 01 ... 06 -> ONNX export -> predictions
+    python demo.py                  # toy data -> toy pre-training -> 01 ... 06 -> ONNX export -> predictions
+    python demo.py --random-init    # 02 and 04 from random weights instead of the toy pre-training
     python demo.py --small          # a smaller configuration (the test suite runs it)
     python demo.py --small --nproc 2   # every stage under torchrun, 2 gloo processes (CI)
     python demo.py --device cuda    # the same stages on a GPU (fp16 autocast on; not bit-identical)
@@ -21,21 +22,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PRETRAINED = "pretrained/toy_imagenet_resnet18.pth"   # demo.py --pretrained's file, under --data
+SMALL_PRETRAIN = ["--scenes", "40", "--iters", "10"]  # toy_pretrain.py's flags for --small
 
 
 def configs(small, pretrained=None):
     """Per-stage flags of the toy runs: the paper's values except where a toy scale needs
     others, each said here (README, "Does it adapt?", has the measurements).
-    - Backbone resnet18 without pre-trained weights: nothing is downloaded, and the toy
-      scenes need no ImageNet features. Training from random weights needs a larger
-      learning rate than the paper's 5e-4 (which fine-tunes an ImageNet backbone), so the
-      warm-up uses --lr 0.03 for 1800 iterations (source mIoU 67 on its training images;
-      600 iterations left it under-trained) and --head-lr-mult 1: the paper's 10x for the
-      head is for a fresh head on a pre-trained backbone; when every layer starts random,
-      one lr for all.
+    - Backbone resnet18, started from `pretrained`, the toy stand-in for ImageNet weights
+      (toy_pretrain.py; the paper's backbones start from ImageNet / SimCLRv2 weights, and
+      nothing can be downloaded for the toy data): 02's backbone and 04's E-hat load it.
+      From random weights (pretrained None, `demo.py --random-init`) 05 beats 02 but not a
+      control that fine-tunes as long without the target terms (README, "Does it adapt?").
+      The warm-up's flags were chosen from random weights and are kept with the
+      pre-training, so that the init is the one change: --lr 0.03 for 1800 iterations
+      (from random weights: source mIoU 67 on its training images; 600 iterations left it
+      under-trained), larger than the paper's 5e-4 (which fine-tunes an ImageNet backbone),
+      and --head-lr-mult 1: the paper's 10x for the head is for a fresh head on a
+      pre-trained backbone; one lr for all suits the random start.
     - 05 --init warmup --ema 0.999: the official code retrains from ImageNet weights
-      (--init retrain, the default for real data); the toy data has none, so 05 fine-tunes
-      the warm-up with the paper's lr 5e-4 (head 10x), lambda = 20 and EMA 0.999 for 200
+      (--init retrain, the default for real data), the whole schedule again; on a CPU the
+      toy run cannot afford a second 1800 iterations, so 05 fine-tunes the warm-up with the paper's lr 5e-4 (head 10x), lambda = 20 and EMA 0.999 for 200
       iterations, its EMA teacher starting as the warm-up. 06 fine-tunes a trained network
       too and keeps the paper's 5e-4 with the head at 10x.
     - Short schedules: the lr warm-up (05, 06), the lambda ramp-up (05) and, unless given
@@ -50,7 +56,8 @@ def configs(small, pretrained=None):
       --target-ratio no paper value changes meaning). On seed 0 of the toy data (commit
       10804a2, another machine of this project): labels 81.1% accurate (0: 84.3%), 05 41.4
       (0: 39.2).
-    - 04's E-hat is a random resnet18 at twice the image size (no pre-trained encoder).
+    - 04's E-hat is a resnet18 at twice the image size, from `pretrained` (the paper's is
+      SimCLRv2's r152; with --random-init a random one).
     - 06 --student-init warmup-full: no SimCLRv2 weights exist for the toy data, so the
       student starts from the warm-up's source-trained network (with 02's backbone and a
       fresh head, `warmup`, it stays far below its teacher in 200 iterations). One round
@@ -58,10 +65,8 @@ def configs(small, pretrained=None):
       from one round's student to the next round's teacher.
     05 and 06 keep the running batch-norm statistics of training in the saved model, as
     the official code (the stages' default --bn-images 0).
-    The whole demo takes about 30 minutes on a quiet 2-core CPU (the warm-up 20 of them).
-    pretrained: a toy_pretrain.py file (`--pretrained`): 02 starts its backbone and 04 its
-    E-hat from it, as the paper's from ImageNet / SimCLRv2 weights; every other flag stays
-    (the warm-up's lr and schedule included), so that the init is the one change."""
+    The whole demo takes about 30 minutes on a quiet 2-core CPU (the warm-up 20 of them),
+    and about 12 more the first time, when it makes the pre-training file."""
     n = {"warm": 1800, "self": 200, "dist": 200, "rounds": 1, "ratio": 0.6} if not small else \
         {"warm": 60, "self": 30, "dist": 20, "rounds": 2, "ratio": 0.6}
     crop = ["--crop", "128", "64"] if not small else ["--crop", "64", "32"]
@@ -108,13 +113,18 @@ def main(argv=None):
     p.add_argument("--device", default="cpu",
                    help="cpu (default: the README's figures are CPU runs), cuda, cuda:1 ...; on CUDA "
                         "every stage runs with its default --amp (fp16 autocast)")
-    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
-                   help="start 02's backbone and 04's E-hat from the toy stand-in for ImageNet "
-                        f"weights (toy_pretrain.py; written to FILE, default DATA/{PRETRAINED}, when "
-                        "missing, about 10 minutes) instead of random weights; README, \"A toy "
-                        "pre-training\"")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", nargs="?", const=True, default=True, metavar="FILE",
+                      help="the toy stand-in for ImageNet weights that 02's backbone and 04's E-hat "
+                           f"start from (the default; default file DATA/{PRETRAINED}, made by "
+                           "toy_pretrain.py when missing, about 12 minutes on 2 cores; a file that "
+                           "is there is used as it is); README, \"A toy pre-training\"")
+    init.add_argument("--random-init", action="store_true",
+                      help="02 and 04 from random weights instead (the README's random-weight tables)")
     a = p.parse_args(argv)
-    if a.pretrained is True:
+    if a.random_init:
+        a.pretrained = None
+    elif a.pretrained is True:
         a.pretrained = str(Path(a.data) / PRETRAINED)
     if a.device != "cpu" and a.nproc > 1:
         p.error(f"--nproc {a.nproc} runs gloo processes on the CPU; with --device {a.device} use 1")
@@ -135,7 +145,7 @@ def main(argv=None):
         print(f"init: {a.pretrained} (existing file, used as it is)", flush=True)
     elif a.pretrained:
         times["toy_pretrain"] = run([py, "toy_pretrain.py", "--out", a.pretrained]
-                                    + (["--scenes", "40", "--iters", "10"] if a.small else []))
+                                    + (SMALL_PRETRAIN if a.small else []))
     for stage, flags in configs(a.small, a.pretrained):
         if stage == "export_onnx":
             cmd = [py, "export_onnx.py", *flags, *common]

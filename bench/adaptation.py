@@ -5,7 +5,8 @@ the paper's ablations on the same seeds.
     python bench/adaptation.py --seeds 0 1 2 3 4 --out bench/out/adaptation
 
 For every seed it runs `demo.py --seed S` (toy data generated with that seed, then 01 ... 06
-with the demo's flags), then (`--rows`, default all):
+with the demo's flags; 02 and 04 start from one toy pre-training file shared by every seed,
+or from random weights with --random-init), then (`--rows`, default all):
   - the target oracle: 02's recipe trained on the target training images with their
     ground truth, the headroom (oracle - 02) that an adaptation method can close;
 and on the same 01-04 artifacts:
@@ -227,14 +228,26 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="which groups of extra runs to make (default: all): " +
                         "; ".join(f"{k}: {v}" for k, v in ROWS.items()))
-    p.add_argument("--pretrained", metavar="FILE",
-                   help="demo.py --pretrained FILE: every seed's 02 and 04 start from this toy_pretrain.py "
-                        "file (made first when missing; make it once before running seeds side by side) "
-                        "instead of random weights; use a fresh --out")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", metavar="FILE",
+                      help="the toy_pretrain.py file every seed's 02 and 04 start from (demo.py "
+                           "--pretrained FILE; default <out>/pretrained/toy_imagenet_resnet18.pth, made "
+                           "once before the first seed when missing, about 12 minutes; seeds run side "
+                           "by side need it made first: run one seed, or toy_pretrain.py --out FILE)")
+    init.add_argument("--random-init", action="store_true",
+                      help="demo.py --random-init: 02 and 04 from random weights; use a fresh --out")
     a = p.parse_args(argv)
-    global PRETRAINED
-    PRETRAINED = a.pretrained = str(Path(a.pretrained).resolve()) if a.pretrained else None
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    global PRETRAINED
+    if not a.random_init:
+        a.pretrained = (Path(a.pretrained).resolve() if a.pretrained
+                        else out / "pretrained" / Path(demo.PRETRAINED).name)
+        if not a.pretrained.is_file():   # once for every seed (demo.py would make it per seed)
+            a.pretrained.parent.mkdir(parents=True, exist_ok=True)
+            run(["toy_pretrain.py", "--out", a.pretrained] + (demo.SMALL_PRETRAIN if a.small else []),
+                a.pretrained.with_suffix(".log"))
+        a.pretrained = str(a.pretrained)
+    PRETRAINED = a.pretrained
     t0 = time.time()
     rows = []
     for seed in a.seeds:
@@ -250,7 +263,7 @@ def main(argv=None):
             print(f"seed {seed}: resuming the pipeline in {work}", flush=True)
         run(["demo.py", "--data", data, "--work", work, "--seed", seed]
             + (["--small"] if a.small else [])
-            + (["--pretrained", a.pretrained] if a.pretrained else [])
+            + (["--pretrained", a.pretrained] if a.pretrained else ["--random-init"])
             # (the toy data is generated once; demo.py refuses a factor for existing data)
             + (["--source-factor", a.source_factor]
                if a.source_factor != 1 and not (data / "cityscapes").exists() else []), log)

@@ -29,6 +29,11 @@ def test_demo_runs_every_stage_and_prints_the_table(pipeline):
     for stage in ("01_stylize", "02_warmup", "03_maps", "04_stm", "05_selftrain", "06_distill", "export"):
         assert json.loads((d / "work" / stage / "manifest.json").read_text())["complete"], stage
     assert "02 warm-up (GPA baseline)" in stdout and "06 distillation, round 2" in stdout
+    # by default 02 and 04 start from the toy pre-training, made first under DATA/pretrained/
+    pre = d / "data" / "pretrained" / "toy_imagenet_resnet18.pth"
+    assert pre.is_file() and f"init: toy pre-training {pre}" in stdout
+    for stage, flag in (("02_warmup", "weights"), ("04_stm", "encoder_weights")):
+        assert json.loads((d / "work" / stage / "manifest.json").read_text())["args"][flag] == str(pre)
     s5 = json.loads((d / "work" / "05_selftrain" / "manifest.json").read_text())["summary"]
     # the default keeps training's running statistics (official): no re-estimated second figure
     assert s5["bn_images"] == 0 and s5["running_bn_target_miou"] is None

@@ -118,33 +118,71 @@ def test_demo_and_bench_pass_the_file_to_02_and_04_only(tmp_path):
         adaptation.PRETRAINED = None
 
 
-def test_demo_uses_an_existing_file_as_it_is_and_makes_a_missing_one(tmp_path, monkeypatch):
-    """demo.py --pretrained FILE never retrains a file that is there (it may have been made
-    with other arguments on purpose); a missing one is made by toy_pretrain.py first."""
-    calls = []
+class Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
 
-    def fake_run(cmd, env=None):
+def _record(calls, stop_at):
+    """A stand-in for the scripts' subprocess runner: records each command and stops the
+    run at the first one that names `stop_at` (nothing is trained)."""
+    def fake_run(cmd, *_):
         calls.append([str(c) for c in cmd])
-        if any(str(c).endswith("01_stylize.py") for c in cmd):
+        if any(str(c).endswith(stop_at) for c in cmd):
             raise Stop
         return 0.0
+    return fake_run
 
-    monkeypatch.setattr(demo, "run", fake_run)
+
+def test_demo_uses_an_existing_file_as_it_is_and_makes_a_missing_one(tmp_path, monkeypatch):
+    """demo.py starts from the toy pre-training by default (DATA/pretrained/...), made by
+    toy_pretrain.py when missing; --pretrained FILE never retrains a file that is there (it
+    may have been made with other arguments on purpose); --random-init makes none and gives
+    02 and 04 random weights."""
+    calls = []
+    monkeypatch.setattr(demo, "run", _record(calls, "02_warmup.py"))
     f = tmp_path / "made_elsewhere.pth"
     f.write_bytes(b"not retrained")
     (tmp_path / "data" / "cityscapes").mkdir(parents=True)
-    for pre, expect_made in ((f, False), (tmp_path / "missing.pth", True)):
+    default = tmp_path / "data" / "pretrained" / "toy_imagenet_resnet18.pth"
+    for flags, expect_made, weights in ((["--pretrained", str(f)], None, f),
+                                        (["--pretrained", str(tmp_path / "missing.pth")],
+                                         tmp_path / "missing.pth", tmp_path / "missing.pth"),
+                                        ([], default, default),
+                                        (["--pretrained"], default, default),
+                                        (["--random-init"], None, "none")):
         calls.clear()
         with pytest.raises(Stop):
-            demo.main(["--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--pretrained", str(pre)])
+            demo.main(["--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), *flags])
         made = [c for c in calls if any(x.endswith("toy_pretrain.py") for x in c)]
-        assert bool(made) == expect_made, calls
-        if made:
-            assert made[0][made[0].index("--out") + 1] == str(pre)
+        assert (made[0][made[0].index("--out") + 1] if made else None) == \
+            (str(expect_made) if expect_made else None), (flags, calls)
+        assert calls[-1][calls[-1].index("--weights") + 1] == str(weights)
     assert f.read_bytes() == b"not retrained"
+    with pytest.raises(SystemExit):      # one init or the other
+        demo.main(["--data", str(tmp_path / "data"), "--random-init", "--pretrained", str(f)])
+
+
+def test_bench_makes_one_file_for_every_seed_or_none_with_random_init(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import adaptation
+    calls = []
+    monkeypatch.setattr(adaptation, "run", _record(calls, "demo.py"))
+    try:
+        with pytest.raises(Stop):
+            adaptation.main(["--out", str(tmp_path / "b"), "--seeds", "3", "4"])
+        pre = str(tmp_path / "b" / "pretrained" / "toy_imagenet_resnet18.pth")
+        assert [c[0] for c in calls] == ["toy_pretrain.py", "demo.py"]
+        assert calls[0][calls[0].index("--out") + 1] == pre
+        assert calls[1][calls[1].index("--pretrained") + 1] == pre
+        assert adaptation.flags("04_stm")[adaptation.flags("04_stm").index("--encoder-weights") + 1] == pre
+        calls.clear()
+        with pytest.raises(Stop):
+            adaptation.main(["--out", str(tmp_path / "r"), "--seeds", "3", "--random-init"])
+        assert [c[0] for c in calls] == ["demo.py"] and "--random-init" in calls[0]
+        assert "--pretrained" not in calls[0]
+        assert adaptation.flags("02_warmup")[adaptation.flags("02_warmup").index("--weights") + 1] == "none"
+    finally:
+        adaptation.PRETRAINED = None
 
 
 def test_the_two_schedules_by_hand():
