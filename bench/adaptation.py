@@ -232,7 +232,7 @@ def main(argv=None):
     init.add_argument("--pretrained", metavar="FILE",
                       help="the toy_pretrain.py file every seed's 02 and 04 start from (demo.py "
                            "--pretrained FILE; default <out>/pretrained/toy_imagenet_resnet18.pth, made "
-                           "once before the first seed when missing, about 12 minutes; seeds run side "
+                           "once before the first seed when missing, about 10 minutes; seeds run side "
                            "by side need it made first: run one seed, or toy_pretrain.py --out FILE)")
     init.add_argument("--random-init", action="store_true",
                       help="demo.py --random-init: 02 and 04 from random weights; use a fresh --out")
