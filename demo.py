@@ -41,8 +41,9 @@ def configs(small, pretrained=None):
       pre-trained backbone; one lr for all suits the random start.
     - 05 --init warmup --ema 0.999: the official code retrains from ImageNet weights
       (--init retrain, the default for real data), the whole schedule again; on a CPU the
-      toy run cannot afford a second 1800 iterations, so 05 fine-tunes the warm-up with the paper's lr 5e-4 (head 10x), lambda = 20 and EMA 0.999 for 200
-      iterations, its EMA teacher starting as the warm-up. 06 fine-tunes a trained network
+      toy run cannot afford a second 1800 iterations, so 05 fine-tunes the warm-up with
+      the paper's lr 5e-4 (head 10x), lambda = 20 and EMA 0.999 for 200 iterations, its
+      EMA teacher starting as the warm-up. 06 fine-tunes a trained network
       too and keeps the paper's 5e-4 with the head at 10x.
     - Short schedules: the lr warm-up (05, 06), the lambda ramp-up (05) and, unless given
       as here, the EMA's time constant (05) default to the official fractions of the
